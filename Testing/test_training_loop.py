@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     # overfit one batch of two pairs: 24 steps are enough to see the loss fall
     card = train(TrainOptions(method="vm-diff", output=output, iterations=24,
                               sources=[tiny_volume()], seed=1, val_every=12, val_cases=1,
-                              lr=1e-2, batch_size=2, spacing_mm=8.0, config=TINY, synth=CALM,
+                              lr=3e-3, batch_size=2, spacing_mm=8.0, config=TINY, synth=CALM,
                               overfit=2, progress=False))
     return folder, output, card
 
@@ -132,3 +132,45 @@ def test_loss_fn_hook_receives_the_documented_arguments(tmp_path):
     assert "loss_fn" in card["training"]["losses"]
     log = open(tmp_path / "hook-test.log").read()
     assert "dice_loss" in log
+
+
+def test_curriculum_trains_coarse_then_fine_and_keeps_only_fine_checkpoints(tmp_path):
+    """The first steps run on the coarse grid with the coarse batch, the rest on the working grid;
+    validation follows the stage's grid, and a coarse-stage network is never kept as "best"."""
+    base = get_method("vm-diff")
+    shapes = []
+
+    def loss_fn(network, fixed, moving, batch):
+        if batch["training"]:
+            shapes.append(tuple(fixed.shape))
+        displacement = network(fixed, moving)
+        loss = soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], displacement)
+        return loss, {}
+
+    import dataclasses
+    spec = dataclasses.replace(base, name="curriculum-test", checkpoint="curriculum-test.pt",
+                               training={"loss_fn": loss_fn, "lr": 1e-3,
+                                         "curriculum": {"spacing_mm": 8.0, "fraction": 0.5,
+                                                        "batch_size": 3}})
+    METHODS["curriculum-test"] = spec
+    try:
+        card = train(TrainOptions(method="curriculum-test", output=str(tmp_path / "c.pt"),
+                                  iterations=4, sources=[tiny_volume()], val_every=1,
+                                  val_cases=1, batch_size=1, spacing_mm=4.0, config=TINY,
+                                  progress=False))
+        with pytest.raises(Exception, match="coarse-fraction"):
+            train(TrainOptions(method="curriculum-test", output=str(tmp_path / "d.pt"),
+                               iterations=4, sources=[tiny_volume()], spacing_mm=4.0,
+                               config=TINY, coarse_fraction=1.0, progress=False))
+    finally:
+        METHODS.pop("curriculum-test")
+    coarse_shape = (3, 1, 32, 32, 32)      # 144 mm at 8 mm -> 18 voxels -> multiple of 16
+    fine_shape = (1, 1, 48, 48, 48)        # 36-40 voxels at 4 mm -> 48
+    assert shapes == [coarse_shape, coarse_shape, fine_shape, fine_shape]
+    assert card["training"]["curriculum"] == {"spacing_mm": 8.0, "fraction": 0.5,
+                                              "batch_size": 3, "steps": 2}
+    assert card["validation"]["step"] in (3, 4)   # a fine-stage network
+    history = card["validation"]["history"]
+    assert [(h["step"], h["spacing_mm"]) for h in history] == [
+        (0, 8.0), (1, 8.0), (2, 4.0), (3, 4.0), (4, 4.0)]
+    assert "curriculum: steps 0-1 at 8.0 mm" in open(tmp_path / "c.log").read()

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                             "'{\"contrast_probability\": 0.5}'")
     train.add_argument("--overfit", type=int, default=0, metavar="N",
                        help="cycle over the first N training pairs (checks that it can learn)")
+    train.add_argument("--coarse-spacing", type=float, metavar="MM",
+                       help="grid of the coarse first stage (default 8 mm; 0 switches it off)")
+    train.add_argument("--coarse-fraction", type=float, metavar="F",
+                       help="share of the steps on the coarse grid (default 0.6)")
+    train.add_argument("--coarse-batch-size", type=int, metavar="B",
+                       help="batch size of the coarse stage (default 8)")
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -101,7 +107,8 @@ def command_train(args) -> None:
         lr=args.lr, batch_size=args.batch_size, spacing_mm=args.spacing,
         config=_json_option(args.config, "--config"),
         synth=_json_option(args.synth, "--synth"), threads=args.threads, overfit=args.overfit,
-        progress=not args.quiet))
+        coarse_spacing_mm=args.coarse_spacing, coarse_fraction=args.coarse_fraction,
+        coarse_batch_size=args.coarse_batch_size, progress=not args.quiet))
     metrics = card["validation"]["metrics"]
     print(f"{args.method}: best step {card['validation']['step']}, validation Dice "
           f"{card['validation']['identity']['dice']:.3f} -> {metrics['dice']:.3f}, folding "

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import UserInputError
 from ..progress import ProgressScope
-from ..spatial import crop_to_shape, pad_to_multiple, resize_displacement, resize_image
+from ..spatial import (crop_to_shape, pad_to_multiple, resize_displacement, resize_image,
+                       warp)
 
 
 @dataclass
@@ -223,3 +224,17 @@ def pyramid_shapes(shape, levels: int, max_voxels: Optional[int] = None):
         finest = tuple(max(int(round((n - 1) / factor)) + 1, 2) for n in finest)
     return [tuple(max(int(round((n - 1) / 2 ** level)) + 1, 4) for n in finest)
             for level in reversed(range(levels))]
+
+
+def same_contrast(fixed: torch.Tensor, moving: torch.Tensor,
+                  batch: Optional[Dict]) -> torch.Tensor:
+    """The moving image a same-contrast similarity (VTN's 1 - CorrCoef, R2Net's MSE) can be
+    trained on: for synthetic pairs whose moving image is in a second contrast
+    (``batch["multimodal"]``), the same geometry in the fixed image's contrast,
+    ``warp(fixed, batch["generating"])``; otherwise ``moving`` itself."""
+    flags = (batch or {}).get("multimodal")
+    generating = (batch or {}).get("generating")
+    if not flags or generating is None or not any(flags):
+        return moving
+    swap = torch.tensor([bool(f) for f in flags], device=moving.device).view(-1, 1, 1, 1, 1)
+    return torch.where(swap, warp(fixed, generating.to(fixed)), moving)

@@ -4,26 +4,51 @@ Kept small and plain (voxelmorph-style) so each method file shows only what its 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 
+NEGATIVE_SLOPE = 0.2
+
+
+def variance_preserving_(layer: nn.Module) -> nn.Module:
+    """He initialisation for a convolution followed by LeakyReLU(0.2), biases zero.
+
+    torch's default (uniform, a = sqrt(5)) shrinks the activations about threefold per layer:
+    through the U-Net the bottleneck's spatial variation was 30x smaller than the input's and the
+    field head saw almost constant features. Keeping the variance per layer lets the pair's
+    content reach the head from the first step; measured on MNI152 pairs (batch 8, 8 mm), the
+    ground-truth error fell 13% in 100 steps against 8% with the default initialisation.
+    """
+    gain = nn.init.calculate_gain("leaky_relu", NEGATIVE_SLOPE)
+    taps = math.prod(layer.kernel_size)
+    if isinstance(layer, nn.ConvTranspose3d):  # each output voxel sees kernel / stride^3 taps
+        fan_in = layer.in_channels * taps / math.prod(layer.stride)
+    else:
+        fan_in = layer.in_channels // layer.groups * taps
+    nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(fan_in))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ConvBlock(nn.Sequential):
-    """3x3x3 convolution (stride 1 or 2) followed by LeakyReLU(0.2)."""
+    """3x3x3 convolution (stride 1 or 2) followed by LeakyReLU(0.2), He-initialised."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__(nn.Conv3d(in_channels, out_channels, 3, stride, 1),
-                         nn.LeakyReLU(0.2))
+        convolution = nn.Conv3d(in_channels, out_channels, 3, stride, 1)
+        super().__init__(variance_preserving_(convolution), nn.LeakyReLU(NEGATIVE_SLOPE))
 
 
 class UpBlock(nn.Sequential):
     """Transposed 4x4x4 convolution doubling the resolution, then LeakyReLU(0.2)."""
 
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.ConvTranspose3d(in_channels, out_channels, 4, 2, 1),
-                         nn.LeakyReLU(0.2))
+        upsample = nn.ConvTranspose3d(in_channels, out_channels, 4, 2, 1)
+        super().__init__(variance_preserving_(upsample), nn.LeakyReLU(NEGATIVE_SLOPE))
 
 
 class UNet(nn.Module):

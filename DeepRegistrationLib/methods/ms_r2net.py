@@ -42,9 +42,9 @@ import torch.nn as nn
 
 from ..errors import UserInputError
 from ..spatial import resize_displacement, resize_image
-from .base import MethodSpec, register_method, run_network
+from .base import MethodSpec, register_method, run_network, same_contrast
 from .r2net import (BLOCKS, FOLDING_WEIGHT, PAPER, STEP_SCALE, LCResNet, R2Net, conv3d_cpu,
-                    padded, registration_loss, same_contrast)
+                    padded, registration_loss)
 
 DEFAULT_CONFIG = {"encoder": [16, 32, 32, 32], "features": 16, "blocks": BLOCKS,
                   "stationary": False, "block_channels": 3, "step_scale": STEP_SCALE,

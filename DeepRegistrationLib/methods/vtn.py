@@ -69,7 +69,7 @@ from ..losses import (affine_determinant_loss, affine_orthogonality_loss,
 from ..spatial import (affine_displacement, compose, crop_to_shape, pad_to_multiple,
                        resize_displacement, resize_image, warp)
 from .base import (MethodSpec, RegistrationInputs, checkpoint_folders, find_checkpoint,
-                   load_network, register_method, working_shape)
+                   load_network, register_method, same_contrast, working_shape)
 from .blocks import ConvBlock, UpBlock
 
 VARIANTS = ("ADDD", "ADD", "AD", "DDD", "DD", "D")
@@ -293,19 +293,6 @@ def cascade_loss(variant: str, fixed: torch.Tensor, stages: Sequence[Dict[str, t
     return total, terms
 
 
-def same_contrast(fixed: torch.Tensor, moving: torch.Tensor,
-                  batch: Optional[Dict]) -> torch.Tensor:
-    """VTN's similarity, ``1 - CorrCoef``, is for images of one contrast. For synthetic pairs
-    whose moving image is in a second contrast (``batch["multimodal"]``), train on the same
-    geometry in the fixed image's contrast, ``warp(fixed, batch["generating"])``."""
-    flags = (batch or {}).get("multimodal")
-    generating = (batch or {}).get("generating")
-    if not flags or generating is None or not any(flags):
-        return moving
-    swap = torch.tensor([bool(f) for f in flags], device=moving.device).view(-1, 1, 1, 1, 1)
-    return torch.where(swap, warp(fixed, generating.to(fixed)), moving)
-
-
 def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook: Table I losses, plus the invertibility loss ("+inv").
@@ -397,7 +384,9 @@ SPEC = register_method(MethodSpec(
     working_spacing_mm=4.0,
     size_multiple=16,
     similarities=("lncc", "mind", "ncc", "mse"),
-    training={"loss_fn": training_loss, "lr": 1e-3},
+    # with "+inv" every pair is registered both ways: half the batch of the one-way methods
+    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 2,
+              "curriculum": {"spacing_mm": 8.0, "fraction": 0.6, "batch_size": 4}},
     estimated_seconds={"2mm": 1.5, "1mm": 4.0},
     variants=VARIANTS,
 ))
