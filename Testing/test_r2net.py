@@ -241,7 +241,8 @@ def test_ms_phases_train_the_right_parts():
             elif name.startswith(frozen):
                 assert not has_gradient, name
         if phase == 1:
-            assert set(terms) == {"chunk_mse", "chunk_folding", "global_mse", "global_folding"}
+            assert set(terms) == {f"{branch}_{term}" for branch in ("chunk", "global")
+                                  for term in ("lncc", "folding", "diffusion")}
         with torch.no_grad():
             assert network(fixed, moving).shape == (1, 3, 34, 30, 36)
 
@@ -254,19 +255,20 @@ def test_fuse_starts_as_the_mean_of_the_two_velocities():
 
 
 # ------------------------------------------------------------------------ loss, specs, engine
-def test_training_loss_is_mse_plus_weighted_folding():
+def test_training_loss_is_similarity_plus_weighted_folding():
     torch.manual_seed(6)
     network = r2net.build_network({})
     fixed, moving = pair()
     total, terms = r2net.training_loss(network, fixed, moving, {"multimodal": [False]})
     total.backward()
-    assert set(terms) == {"mse", "folding"}
+    assert set(terms) == {"lncc", "folding", "diffusion"}   # LNCC + smoothness: our recipe
     assert network.unet.stem[0].weight.grad is not None
     assert network.integrate.blocks[0].conv1.parametrizations.weight.original.grad is not None
     # the folding term is the library's negative Jacobian loss, identity added once
     folded = torch.zeros(1, 3, *SHAPE)
     folded[0, 2] = -2.0 * spatial.identity_grid(SHAPE)[0, 2]   # x -> -x along W: det = -1
-    value, parts = r2net.registration_loss(folded, fixed, moving)
+    value, parts = r2net.registration_loss(folded, fixed, moving)   # the paper's: MSE + folding
+    assert set(parts) == {"mse", "folding"}
     assert parts["folding"] == pytest.approx(1.0)
     assert float(value) == pytest.approx(parts["mse"] + r2net.FOLDING_WEIGHT, rel=1e-5)
     assert r2net.registration_loss(torch.zeros(1, 3, *SHAPE), fixed, moving)[1]["folding"] == 0

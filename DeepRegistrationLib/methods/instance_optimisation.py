@@ -29,7 +29,7 @@ from ..spatial import compose, integrate_velocity, resize_displacement, resize_i
 from .base import MethodSpec, RegistrationInputs, pyramid_shapes, register_method
 
 # Defaults chosen on synthetically deformed MNI152 brains at 2 mm against ANTs SyN in the same
-# run (benchmarks/benchmark_io.py): most steps at 1/4 and 1/2 resolution, a short full-resolution
+# run (benchmarks/benchmark.py): most steps at 1/4 and 1/2 resolution, a short full-resolution
 # polish.
 DEFAULT_ITERATIONS = (80, 30, 6)
 DEFAULT_REGULARIZATION = {"lncc": 5.0, "mind": 1.0, "ncc": 1.0, "mse": 0.5, "ngf": 1.0}

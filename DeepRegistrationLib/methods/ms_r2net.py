@@ -14,7 +14,7 @@ phases (see ``r2net.py`` for the R2Net itself):
   concatenated, a 3x3x3 convolution turns the 6 channels into one velocity, and ``N = 7``
   LC-ResNet blocks integrate it at the original resolution: ``phi(x) = x + v_N(x)``.
 - *Multi-phase learning* (``config["phase"]``). Phase 1 trains the two branches, each with its
-  own LC-ResNet and the R2Net loss (MSE + folding) at its own resolution: the chunk pairs at full
+  own LC-ResNet and the R2Net loss (similarity + folding) at its own resolution: the chunk pairs at full
   resolution, the half-size pair at half resolution. Phase 2 freezes both branches and trains
   the fusing convolution and the integration blocks with the same loss on the full pair.
 
@@ -43,12 +43,13 @@ import torch.nn as nn
 from ..errors import UserInputError
 from ..spatial import resize_displacement, resize_image
 from .base import MethodSpec, register_method, run_network, same_contrast
-from .r2net import (BLOCKS, FOLDING_WEIGHT, PAPER, STEP_SCALE, LCResNet, R2Net, conv3d_cpu,
-                    padded, registration_loss)
+from .r2net import (BLOCKS, FOLDING_WEIGHT, PAPER, SMOOTHNESS_WEIGHT, STEP_SCALE, TRAINING_SYNTH,
+                    LCResNet, R2Net, conv3d_cpu, network_loss, padded)
 
 DEFAULT_CONFIG = {"encoder": [16, 32, 32, 32], "features": 16, "blocks": BLOCKS,
                   "stationary": False, "block_channels": 3, "step_scale": STEP_SCALE,
-                  "lipschitz": "operator", "similarity": "mse", "folding_weight": FOLDING_WEIGHT,
+                  "lipschitz": "operator", "similarity": "lncc", "folding_weight": FOLDING_WEIGHT,
+                  "smoothness_weight": SMOOTHNESS_WEIGHT,
                   "chunks": 2, "overlap": 2, "phase": 1}
 
 
@@ -118,14 +119,16 @@ class MSR2Net(nn.Module):
     def __init__(self, encoder: Sequence[int] = (16, 32, 32, 32), features: int = 16,
                  blocks: int = BLOCKS, stationary: bool = False, block_channels: int = 3,
                  step_scale: float = STEP_SCALE, lipschitz: str = "operator",
-                 similarity: str = "mse", folding_weight: float = FOLDING_WEIGHT,
-                 chunks: int = 2, overlap: int = 2, phase: int = 1):
+                 similarity: str = "lncc", folding_weight: float = FOLDING_WEIGHT,
+                 chunks: int = 2, overlap: int = 2, phase: int = 1,
+                 smoothness_weight: float = SMOOTHNESS_WEIGHT):
         super().__init__()
         if int(phase) not in (1, 2):
             raise UserInputError(f"MS-R2Net phase must be 1 or 2, not {phase}")
         branch = dict(encoder=encoder, features=features, blocks=blocks, stationary=stationary,
                       block_channels=block_channels, step_scale=step_scale, lipschitz=lipschitz,
-                      similarity=similarity, folding_weight=folding_weight)
+                      similarity=similarity, folding_weight=folding_weight,
+                      smoothness_weight=smoothness_weight)
         self.chunk_branch = R2Net(**branch)
         self.global_branch = R2Net(**branch)
         self.fuse = nn.Conv3d(6, 3, 3, 1, 1)
@@ -138,6 +141,7 @@ class MSR2Net(nn.Module):
         self.integrate = LCResNet(blocks, stationary, block_channels, step_scale, lipschitz)
         self.chunks, self.overlap, self.phase = int(chunks), int(overlap), int(phase)
         self.similarity, self.folding_weight = similarity, float(folding_weight)
+        self.smoothness_weight = float(smoothness_weight)
         self.branch_multiple = self.chunk_branch.size_multiple
 
     # -- branches ------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def build_network(config: Dict) -> MSR2Net:
     return MSR2Net(config["encoder"], config["features"], config["blocks"], config["stationary"],
                    config["block_channels"], config["step_scale"], config["lipschitz"],
                    config["similarity"], config["folding_weight"], config["chunks"],
-                   config["overlap"], config["phase"])
+                   config["overlap"], config["phase"], config["smoothness_weight"])
 
 
 # -------------------------------------------------------------------------------------- training
@@ -196,13 +200,11 @@ def phase_one_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
     fixed_chunks = torch.cat(split_chunks(fixed, network.chunks, network.overlap))
     moving_chunks = torch.cat(split_chunks(moving, network.chunks, network.overlap))
     local = padded(network.chunk_branch, fixed_chunks, moving_chunks, network.branch_multiple)
-    chunk_loss, chunk_terms = registration_loss(local, fixed_chunks, moving_chunks,
-                                                network.similarity, network.folding_weight)
+    chunk_loss, chunk_terms = network_loss(network, local, fixed_chunks, moving_chunks)
     small = half_shape(fixed.shape[2:])
     fixed_small, moving_small = resize_image(fixed, small), resize_image(moving, small)
     coarse = padded(network.global_branch, fixed_small, moving_small, network.branch_multiple)
-    global_loss, global_terms = registration_loss(coarse, fixed_small, moving_small,
-                                                  network.similarity, network.folding_weight)
+    global_loss, global_terms = network_loss(network, coarse, fixed_small, moving_small)
     terms = {f"chunk_{k}": v for k, v in chunk_terms.items()}
     terms.update({f"global_{k}": v for k, v in global_terms.items()})
     return chunk_loss + global_loss, terms
@@ -217,8 +219,7 @@ def phase_two_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
         local = network.chunk_fields(network.chunk_branch.velocity, fixed, moving)
         coarse = network.global_field(network.global_branch.velocity, fixed, moving)
     displacement = network.integrate(network.fuse_velocities(local, coarse))
-    return registration_loss(displacement, fixed, moving, network.similarity,
-                             network.folding_weight)
+    return network_loss(network, displacement, fixed, moving)
 
 
 def training_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
@@ -243,6 +244,7 @@ SPEC = register_method(MethodSpec(
     working_spacing_mm=2.0,
     size_multiple=2,   # the branches pad their own inputs to the U-Net's multiple
     similarities=("lncc", "mind", "ncc", "mse", "ngf"),
-    training={"loss_fn": training_loss, "lr": 1e-3},
+    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 1, "synth": TRAINING_SYNTH,
+              "curriculum": {"spacing_mm": 4.0, "fraction": 0.6, "batch_size": 4}},
     estimated_seconds={"2mm": 4.0, "1mm": 6.0},
 ))
