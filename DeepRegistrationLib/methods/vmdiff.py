@@ -82,7 +82,8 @@ SPEC = register_method(MethodSpec(
     size_multiple=16,
     similarities=("lncc", "mind", "ncc", "mse"),
     # trainer schema (training/train.py): similarity (name, weight[, options]) + regulariser weights
-    # LNCC is a same-contrast similarity: no second-contrast pairs; little noise, because the
+    # LNCC is a same-contrast similarity: no second-contrast pairs (R2Net and VTN train those in
+    # the fixed contrast, so the three see the same kind of data); little noise, because the
     # noise of the zero background dominates the local variance there
     training={"similarity": ("lncc", 1.0, {"window": 5}), "diffusion": 1.0, "batch_size": 4,
               "synth": {"contrast_probability": 0.0, "noise_max": 0.01}},
