@@ -305,3 +305,26 @@ def test_engine_runs_from_a_checkpoint(name, tmp_path, monkeypatch):
     assert result.displacement.shape == (1, 3, 20, 18, 22)
     assert torch.isfinite(result.displacement).all()
     assert spatial.jacobian_determinant(result.displacement).min() > 0
+
+
+def test_ms_init_starts_both_branches_from_a_trained_r2net(tmp_path):
+    """``python -m training ms-init``: a warm start whose branches hold the R2Net's weights,
+    loadable by the trainer (method ms-r2net); a non-R2Net checkpoint is a one-line error."""
+    from DeepRegistrationLib.methods import save_checkpoint
+    from training.__main__ import main
+    torch.manual_seed(3)
+    source = r2net.build_network({"stationary": False})
+    save_checkpoint(str(tmp_path / "nsvf.pt"), source, "r2net-nsvf",
+                    dict(r2net.DEFAULT_CONFIG, stationary=False), {})
+    assert main(["ms-init", "--from", str(tmp_path / "nsvf.pt"),
+                 "--output", str(tmp_path / "ms.pt")]) == 0
+    state = torch.load(tmp_path / "ms.pt", weights_only=False)
+    assert state["method"] == "ms-r2net"
+    network = ms_r2net.build_network(state["config"])
+    network.load_state_dict(state["state_dict"])
+    for branch in (network.chunk_branch, network.global_branch):
+        for name, value in source.state_dict().items():
+            assert torch.equal(branch.state_dict()[name], value), name
+    save_checkpoint(str(tmp_path / "vm.pt"), torch.nn.Linear(1, 1), "vm-diff", {}, {})
+    assert main(["ms-init", "--from", str(tmp_path / "vm.pt"),
+                 "--output", str(tmp_path / "x.pt")]) == 2

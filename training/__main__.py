@@ -1,4 +1,4 @@
-"""``python -m training train | evaluate | sources``.
+"""``python -m training train | evaluate | sources | ms-init``.
 
 Exit codes as ``deepreg``: 0 success, 2 a user mistake (one line on stderr), 130 interrupted.
 """
@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="batch size of the coarse stage (default 8)")
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ms_init = commands.add_parser(
+        "ms-init", help="MS-R2Net weights whose two branches start from a trained R2Net "
+                        "(use with: train --method ms-r2net --resume OUTPUT)")
+    ms_init.add_argument("--from", dest="source", required=True, metavar="R2NET.pt",
+                         help="an r2net-nsvf checkpoint (r2net-svf with --config "
+                              "'{\"stationary\": true}')")
+    ms_init.add_argument("--output", required=True, metavar="PATH")
+    ms_init.add_argument("--config", default="{}", help="MS-R2Net config overrides (JSON)")
 
     evaluate = commands.add_parser("evaluate", help="compare methods and peers on fixed cases")
     evaluate.add_argument("--methods", default="io",
@@ -130,6 +139,27 @@ def command_evaluate(args) -> None:
     print(f"results in {os.path.abspath(args.output)} (results.md, results.csv, results.png)")
 
 
+def command_ms_init(args) -> None:
+    import torch
+    from DeepRegistrationLib.methods import get_method, save_checkpoint
+    from DeepRegistrationLib.methods.ms_r2net import branches_from_r2net
+
+    if not os.path.isfile(args.source):
+        raise UserInputError(f"--from '{args.source}' does not exist")
+    state = torch.load(args.source, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or not str(state.get("method", "")).startswith("r2net"):
+        raise UserInputError(f"'{args.source}' is not an r2net-svf / r2net-nsvf checkpoint")
+    spec = get_method("ms-r2net")
+    config = dict(spec.config, **_json_option(args.config, "--config"))
+    network = branches_from_r2net(spec.build_network(config), state["state_dict"])
+    card = save_checkpoint(args.output, network, spec.name, config,
+                           {"title": spec.title, "initialised_from": {
+                               "checkpoint": os.path.abspath(args.source),
+                               "method": state.get("method")},
+                            "note": "untrained fuse / integration; a warm start for phase 1"})
+    print(f"{args.output}: both branches from {args.source} (sha256 {card['sha256'][:12]})")
+
+
 def command_sources(args) -> None:
     from .data import SOURCES, available_sources
 
@@ -147,8 +177,8 @@ def command_sources(args) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": command_train, "evaluate": command_evaluate,
-         "sources": command_sources}[args.command](args)
+        {"train": command_train, "evaluate": command_evaluate, "sources": command_sources,
+         "ms-init": command_ms_init}[args.command](args)
     except UserInputError as error:
         print(f"python -m training: error: {error}", file=sys.stderr)
         return EXIT_USER

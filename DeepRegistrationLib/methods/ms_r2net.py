@@ -193,6 +193,24 @@ def build_network(config: Dict) -> MSR2Net:
                    config["overlap"], config["phase"], config["smoothness_weight"])
 
 
+def branches_from_r2net(network: MSR2Net, r2net_state: Dict[str, torch.Tensor]) -> MSR2Net:
+    """Initialise both branches with a trained R2Net's weights (a warm start for phase 1).
+
+    The downsampled branch works at half the MS working grid -- 4 mm for the 2 mm default, the
+    grid ``r2net-nsvf`` is trained on -- and the chunk branch registers sub-volumes, so a trained
+    R2Net with the branches' config is a far better start than random weights on a CPU budget.
+    Not in the paper, which trains the branches from scratch.
+    """
+    for branch in (network.chunk_branch, network.global_branch):
+        try:
+            branch.load_state_dict(r2net_state)
+        except RuntimeError as error:
+            raise UserInputError("the R2Net checkpoint does not fit the MS-R2Net branches (same "
+                                 "encoder, features, blocks and 'stationary' needed): "
+                                 f"{str(error).strip().splitlines()[0]}") from None
+    return network
+
+
 # -------------------------------------------------------------------------------------- training
 def phase_one_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
                    ) -> Tuple[torch.Tensor, Dict[str, float]]:
