@@ -20,11 +20,14 @@ phases (see ``r2net.py`` for the R2Net itself):
 
 ``forward(fixed, moving)`` returns the integration branch's displacement in phase 2; a phase-1
 network (whose integration branch is untrained) returns the mean of the two branches'
-displacements, so a phase-1 checkpoint is a usable registration too. Training::
+displacements, so a phase-1 checkpoint is a usable registration too. Training (the shipped
+checkpoint; the branches start from a trained ``r2net-nsvf``, see :func:`branches_from_r2net`)::
 
-    python -m training train --method ms-r2net --output Resources/checkpoints/ms-r2net-phase1.pt
-    python -m training train --method ms-r2net --config '{"phase": 2}' \\
-        --resume Resources/checkpoints/ms-r2net-phase1.pt --output Resources/checkpoints/ms-r2net.pt
+    python -m training ms-init --from r2net-nsvf.pt --output ms-r2net-init.pt
+    python -m training train --method ms-r2net --iterations 150 --resume ms-r2net-init.pt \\
+        --output ms-r2net-phase1.pt
+    python -m training train --method ms-r2net --iterations 100 --config '{"phase": 2}' \\
+        --resume ms-r2net-phase1.pt --output Resources/checkpoints/ms-r2net.pt
 
 The fusing convolution starts as the mean of its two inputs (centre tap 1/2 on each), so phase 2
 starts from an average of the branches' velocities. At inference the chunks go through the
