@@ -84,6 +84,30 @@ def test_each_convolution_has_operator_norm_one():
         assert all(low <= n <= high for n in norms), (mode, norms)
 
 
+@pytest.mark.parametrize("name", ["r2net-svf", "r2net-nsvf", "ms-r2net"])
+def test_shipped_weights_keep_every_block_lipschitz(name):
+    """On the *trained* weights of a shipped checkpoint: each block's convolutions have operator
+    norm about 1 (power iteration on the padded convolution itself) and each block's local
+    Lipschitz constant stays below its step scale h (up to the power iteration's 3%)."""
+    spec = get_method(name)
+    if spec.checkpoint_path() is None:
+        pytest.skip(f"{name} has no shipped checkpoint")
+    from DeepRegistrationLib.methods import load_network
+    network = load_network(spec)
+    blocks = list(network.integrate.blocks)
+    if name == "ms-r2net":
+        blocks += list(network.chunk_branch.integrate.blocks)
+    for index, block in enumerate(blocks):
+        w1, w2 = block.conv1.weight.detach(), block.conv2.weight.detach()
+        assert operator_norm(lambda x: r2net.padded_conv(x, w1), (1, 3, 20, 20, 20),
+                             iterations=40) == pytest.approx(1.0, abs=0.03)
+        assert operator_norm(lambda x: r2net.padded_conv(x, w2), (1, 3, 8, 8, 8),
+                             iterations=40) == pytest.approx(1.0, abs=0.01)
+        point = smooth_velocity(2.0, (16, 16, 16), seed=index)
+        gain = local_lipschitz(block.residual, point, iterations=30, seed=index)
+        assert gain <= 1.03 * block.step_scale, (index, gain)
+
+
 def test_conv_operator_norm_is_the_convolution_gain():
     torch.manual_seed(3)
     weight = torch.randn(3, 3, 3, 3, 3)
