@@ -116,6 +116,11 @@ def test_resize_displacement_keeps_a_linear_field_in_physical_terms():
 
 def test_pad_and_crop_round_trip():
     image = smooth_image((13, 17, 15))
-    padded, shape = spatial.pad_to_multiple(image, 8)
+    padded, region = spatial.pad_to_multiple(image, 8)
     assert tuple(padded.shape[2:]) == (16, 24, 16)
-    assert torch.equal(spatial.crop_to_shape(padded, shape), image)
+    assert torch.equal(spatial.crop_to_region(padded, region), image)
+    # centred, the odd voxel at the end: 16 = 1 + 13 + 2, 24 = 3 + 17 + 4, 16 = 0 + 15 + 1
+    assert [(r.start, r.stop) for r in region] == [(1, 14), (3, 20), (0, 15)]
+    assert torch.equal(padded[:, :, 1:14, 3:20, 0:15], image)
+    same, region = spatial.pad_to_multiple(padded, 8)
+    assert same is padded and torch.equal(spatial.crop_to_region(same, region), padded)

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserInputError
 from ..progress import ProgressScope
-from ..spatial import (crop_to_shape, pad_to_multiple, resize_displacement, resize_image,
+from ..spatial import (crop_to_region, pad_to_multiple, resize_displacement, resize_image,
                        warp)
 
 
@@ -194,8 +194,8 @@ def working_shape(shape, spacing, working_spacing_mm: float):
 def run_network(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
     """Forward the method's network on the working grid and bring the field back to the fixed grid.
 
-    The pair is resampled to ``working_spacing_mm`` (corners aligned), padded to a multiple of
-    ``size_multiple``, passed through the network (which returns a displacement in working-grid
+    The pair is resampled to ``working_spacing_mm`` (corners aligned), padded on both sides to a
+    multiple of ``size_multiple`` (centred, as the training canvas), passed through the network (which returns a displacement in working-grid
     voxels), cropped, and resized to the fixed grid with its vectors rescaled.
     """
     device = inputs.fixed.device
@@ -206,11 +206,11 @@ def run_network(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
     inputs.progress.report(0.1, f"{spec.name}: network on a {'x'.join(map(str, work))} grid")
     fixed = resize_image(inputs.fixed, work)
     moving = resize_image(inputs.moving, work)
-    fixed, _ = pad_to_multiple(fixed, spec.size_multiple)
+    fixed, region = pad_to_multiple(fixed, spec.size_multiple)
     moving, _ = pad_to_multiple(moving, spec.size_multiple)
     with torch.inference_mode():
         displacement = network(fixed, moving)
-    displacement = crop_to_shape(displacement.clone(), work)
+    displacement = crop_to_region(displacement.clone(), region)
     inputs.progress.report(1.0, f"{spec.name}: network done")
     return resize_displacement(displacement, shape)
 

@@ -76,7 +76,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UserInputError
 from ..losses import diffusion_loss, negative_jacobian_loss, similarity_loss
-from ..spatial import crop_to_shape, pad_to_multiple, warp
+from ..spatial import crop_to_region, pad_to_multiple, warp
 from .base import MethodSpec, register_method, run_network, same_contrast
 from .blocks import UNet, flow_head
 
@@ -300,11 +300,11 @@ def build_network(config: Dict) -> R2Net:
 
 
 def padded(function, fixed: torch.Tensor, moving: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``function(fixed, moving)`` on the pair padded (replicate) to ``multiple``, cropped back."""
-    shape = tuple(fixed.shape[2:])
-    fixed, _ = pad_to_multiple(fixed, multiple)
+    """``function(fixed, moving)`` on the pair padded (replicate, centred) to ``multiple``,
+    cropped back."""
+    fixed, region = pad_to_multiple(fixed, multiple)
     moving, _ = pad_to_multiple(moving, multiple)
-    return crop_to_shape(function(fixed, moving), shape)
+    return crop_to_region(function(fixed, moving), region)
 
 
 # -------------------------------------------------------------------------------------- training

@@ -66,7 +66,7 @@ from ..errors import UserInputError
 from ..losses import (affine_determinant_loss, affine_orthogonality_loss,
                       correlation_coefficient_loss, invertibility_loss, local_ncc_loss,
                       total_variation_loss)
-from ..spatial import (affine_displacement, compose, crop_to_shape, pad_to_multiple,
+from ..spatial import (affine_displacement, compose, crop_to_region, pad_to_multiple,
                        resize_displacement, resize_image, warp)
 from .base import (MethodSpec, RegistrationInputs, checkpoint_folders, find_checkpoint,
                    load_network, register_method, same_contrast, working_shape)
@@ -360,11 +360,11 @@ def run(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
     stages = network.variant[:count] if count else network.variant
     inputs.progress.report(0.1, f"{spec.name} {stages}: network on a "
                                 f"{'x'.join(map(str, work))} grid")
-    fixed, _ = pad_to_multiple(resize_image(inputs.fixed, work), spec.size_multiple)
+    fixed, region = pad_to_multiple(resize_image(inputs.fixed, work), spec.size_multiple)
     moving, _ = pad_to_multiple(resize_image(inputs.moving, work), spec.size_multiple)
     with torch.inference_mode():
         displacement = network(fixed, moving, count)
-    displacement = crop_to_shape(displacement.clone(), work)
+    displacement = crop_to_region(displacement.clone(), region)
     inputs.progress.report(1.0, f"{spec.name}: network done")
     return resize_displacement(displacement, shape)
 
