@@ -191,28 +191,37 @@ def working_shape(shape, spacing, working_spacing_mm: float):
                  for n, s in zip(shape, spacing))
 
 
-def run_network(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
+def forward_padded(function, fixed: torch.Tensor, moving: torch.Tensor,
+                   multiple: int) -> torch.Tensor:
+    """``function(fixed, moving)`` on the pair padded on both sides (replicate) to a multiple of
+    ``multiple`` -- centred, as the training canvas -- and cropped back to the pair's grid."""
+    fixed, region = pad_to_multiple(fixed, multiple)
+    moving, _ = pad_to_multiple(moving, multiple)
+    return crop_to_region(function(fixed, moving), region)
+
+
+def run_network(inputs: RegistrationInputs, spec: MethodSpec, network=None,
+                label: Optional[str] = None) -> torch.Tensor:
     """Forward the method's network on the working grid and bring the field back to the fixed grid.
 
-    The pair is resampled to ``working_spacing_mm`` (corners aligned), padded on both sides to a
-    multiple of ``size_multiple`` (centred, as the training canvas), passed through the network (which returns a displacement in working-grid
-    voxels), cropped, and resized to the fixed grid with its vectors rescaled.
+    The pair is resampled to ``working_spacing_mm`` (corners aligned), passed through the network
+    by :func:`forward_padded` (the network returns a displacement in working-grid voxels), and the
+    field is resized to the fixed grid with its vectors rescaled. ``network`` (a module or any
+    ``f(fixed, moving)``) defaults to the spec's loaded checkpoint; ``label`` names it in the
+    progress messages.
     """
-    device = inputs.fixed.device
-    network = load_network(spec, device)
+    if network is None:
+        network = load_network(spec, inputs.fixed.device)
+    label = label or spec.name
     shape = tuple(inputs.fixed.shape[2:])
     work = working_shape(shape, inputs.spacing, spec.working_spacing_mm) \
         if spec.working_spacing_mm else shape
-    inputs.progress.report(0.1, f"{spec.name}: network on a {'x'.join(map(str, work))} grid")
-    fixed = resize_image(inputs.fixed, work)
-    moving = resize_image(inputs.moving, work)
-    fixed, region = pad_to_multiple(fixed, spec.size_multiple)
-    moving, _ = pad_to_multiple(moving, spec.size_multiple)
+    inputs.progress.report(0.1, f"{label}: network on a {'x'.join(map(str, work))} grid")
     with torch.inference_mode():
-        displacement = network(fixed, moving)
-    displacement = crop_to_region(displacement.clone(), region)
+        displacement = forward_padded(network, resize_image(inputs.fixed, work),
+                                      resize_image(inputs.moving, work), spec.size_multiple)
     inputs.progress.report(1.0, f"{spec.name}: network done")
-    return resize_displacement(displacement, shape)
+    return resize_displacement(displacement.clone(), shape)
 
 
 def pyramid_shapes(shape, levels: int, max_voxels: Optional[int] = None):

@@ -14,9 +14,9 @@ phases (see ``r2net.py`` for the R2Net itself):
   concatenated, a 3x3x3 convolution turns the 6 channels into one velocity, and ``N = 7``
   LC-ResNet blocks integrate it at the original resolution: ``phi(x) = x + v_N(x)``.
 - *Multi-phase learning* (``config["phase"]``). Phase 1 trains the two branches, each with its
-  own LC-ResNet and the R2Net loss (similarity + folding) at its own resolution: the chunk pairs at full
-  resolution, the half-size pair at half resolution. Phase 2 freezes both branches and trains
-  the fusing convolution and the integration blocks with the same loss on the full pair.
+  own LC-ResNet and the R2Net loss (similarity + folding) at its own resolution: the chunk pairs
+  at full resolution, the half-size pair at half resolution. Phase 2 freezes both branches and
+  trains the fusing convolution and the integration blocks with the same loss on the full pair.
 
 ``forward(fixed, moving)`` returns the integration branch's displacement in phase 2; a phase-1
 network (whose integration branch is untrained) returns the mean of the two branches'
@@ -45,9 +45,10 @@ import torch.nn as nn
 
 from ..errors import UserInputError
 from ..spatial import resize_displacement, resize_image
-from .base import MethodSpec, register_method, run_network, same_contrast
+from .base import (MethodSpec, forward_padded, register_method, run_network,
+                   same_contrast)
 from .r2net import (BLOCKS, FOLDING_WEIGHT, PAPER, SMOOTHNESS_WEIGHT, STEP_SCALE, TRAINING_SYNTH,
-                    LCResNet, R2Net, conv3d_cpu, network_loss, padded)
+                    LCResNet, R2Net, conv3d_cpu, network_loss)
 
 DEFAULT_CONFIG = {"encoder": [16, 32, 32, 32], "features": 16, "blocks": BLOCKS,
                   "stationary": False, "block_channels": 3, "step_scale": STEP_SCALE,
@@ -154,11 +155,11 @@ class MSR2Net(nn.Module):
         fixed_chunks = split_chunks(fixed, self.chunks, self.overlap)
         moving_chunks = split_chunks(moving, self.chunks, self.overlap)
         if torch.is_grad_enabled():
-            batch = padded(function, torch.cat(fixed_chunks), torch.cat(moving_chunks),
-                           self.branch_multiple)
+            batch = forward_padded(function, torch.cat(fixed_chunks),
+                                   torch.cat(moving_chunks), self.branch_multiple)
             pieces = list(batch.split(fixed.shape[0]))
         else:
-            pieces = [padded(function, f, m, self.branch_multiple)
+            pieces = [forward_padded(function, f, m, self.branch_multiple)
                       for f, m in zip(fixed_chunks, moving_chunks)]
         return merge_chunks(pieces, fixed.shape[2:], self.overlap)
 
@@ -166,8 +167,8 @@ class MSR2Net(nn.Module):
         """``function`` (a global-branch method) on the half-size pair, upsampled to the grid."""
         shape = tuple(fixed.shape[2:])
         small = half_shape(shape)
-        field = padded(function, resize_image(fixed, small), resize_image(moving, small),
-                       self.branch_multiple)
+        field = forward_padded(function, resize_image(fixed, small),
+                               resize_image(moving, small), self.branch_multiple)
         return resize_displacement(field, shape)
 
     def fused_velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -220,11 +221,13 @@ def phase_one_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
     """Each branch trained as an R2Net at its own resolution; the two losses added."""
     fixed_chunks = torch.cat(split_chunks(fixed, network.chunks, network.overlap))
     moving_chunks = torch.cat(split_chunks(moving, network.chunks, network.overlap))
-    local = padded(network.chunk_branch, fixed_chunks, moving_chunks, network.branch_multiple)
+    local = forward_padded(network.chunk_branch, fixed_chunks, moving_chunks,
+                           network.branch_multiple)
     chunk_loss, chunk_terms = network_loss(network, local, fixed_chunks, moving_chunks)
     small = half_shape(fixed.shape[2:])
     fixed_small, moving_small = resize_image(fixed, small), resize_image(moving, small)
-    coarse = padded(network.global_branch, fixed_small, moving_small, network.branch_multiple)
+    coarse = forward_padded(network.global_branch, fixed_small, moving_small,
+                            network.branch_multiple)
     global_loss, global_terms = network_loss(network, coarse, fixed_small, moving_small)
     terms = {f"chunk_{k}": v for k, v in chunk_terms.items()}
     terms.update({f"global_{k}": v for k, v in global_terms.items()})

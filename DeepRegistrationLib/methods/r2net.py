@@ -76,7 +76,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UserInputError
 from ..losses import diffusion_loss, negative_jacobian_loss, similarity_loss
-from ..spatial import crop_to_region, pad_to_multiple, warp
+from ..spatial import warp
 from .base import MethodSpec, register_method, run_network, same_contrast
 from .blocks import UNet, flow_head
 
@@ -297,14 +297,6 @@ def build_network(config: Dict) -> R2Net:
     return R2Net(config["encoder"], config["features"], config["blocks"], config["stationary"],
                  config["block_channels"], config["step_scale"], config["lipschitz"],
                  config["similarity"], config["folding_weight"], config["smoothness_weight"])
-
-
-def padded(function, fixed: torch.Tensor, moving: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``function(fixed, moving)`` on the pair padded (replicate, centred) to ``multiple``,
-    cropped back."""
-    fixed, region = pad_to_multiple(fixed, multiple)
-    moving, _ = pad_to_multiple(moving, multiple)
-    return crop_to_region(function(fixed, moving), region)
 
 
 # -------------------------------------------------------------------------------------- training

@@ -66,10 +66,9 @@ from ..errors import UserInputError
 from ..losses import (affine_determinant_loss, affine_orthogonality_loss,
                       correlation_coefficient_loss, invertibility_loss, local_ncc_loss,
                       total_variation_loss)
-from ..spatial import (affine_displacement, compose, crop_to_region, pad_to_multiple,
-                       resize_displacement, resize_image, warp)
+from ..spatial import affine_displacement, compose, warp
 from .base import (MethodSpec, RegistrationInputs, checkpoint_folders, find_checkpoint,
-                   load_network, register_method, same_contrast, working_shape)
+                   load_network, register_method, run_network, same_contrast)
 from .blocks import ConvBlock, UpBlock
 
 VARIANTS = ("ADDD", "ADD", "AD", "DDD", "DD", "D")
@@ -352,21 +351,12 @@ def select_checkpoint(spec: MethodSpec, variant: Optional[str], device="cpu"):
 
 
 def run(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
-    """Forward the cascade on the 4 mm working grid (as ``base.run_network``), with the variant
+    """Forward the cascade on the 4 mm working grid (``base.run_network``), with the variant
     from ``inputs.options["variant"]`` (``--variant``)."""
     network, count = select_checkpoint(spec, inputs.options.get("variant"), inputs.fixed.device)
-    shape = tuple(inputs.fixed.shape[2:])
-    work = working_shape(shape, inputs.spacing, spec.working_spacing_mm)
     stages = network.variant[:count] if count else network.variant
-    inputs.progress.report(0.1, f"{spec.name} {stages}: network on a "
-                                f"{'x'.join(map(str, work))} grid")
-    fixed, region = pad_to_multiple(resize_image(inputs.fixed, work), spec.size_multiple)
-    moving, _ = pad_to_multiple(resize_image(inputs.moving, work), spec.size_multiple)
-    with torch.inference_mode():
-        displacement = network(fixed, moving, count)
-    displacement = crop_to_region(displacement.clone(), region)
-    inputs.progress.report(1.0, f"{spec.name}: network done")
-    return resize_displacement(displacement, shape)
+    return run_network(inputs, spec, lambda fixed, moving: network(fixed, moving, count),
+                       label=f"{spec.name} {stages}")
 
 
 SPEC = register_method(MethodSpec(
