@@ -397,15 +397,21 @@ class PairGenerator:
         out["index"] = list(indices)
         return out
 
+    def batch_number(self, number: int, batch_size: int = 1,
+                     cycle: Optional[int] = None) -> Dict:
+        """Training batch ``number``: items ``n*B .. n*B+B-1``, so a resumed run sees exactly the
+        data an uninterrupted one would have. With ``cycle`` the item indices repeat modulo
+        ``cycle`` (overfitting a few pairs)."""
+        indices = range(number * batch_size, (number + 1) * batch_size)
+        return self.batch([i % cycle for i in indices] if cycle else list(indices))
+
     def batches(self, batch_size: int = 1, start: int = 0,
                 cycle: Optional[int] = None) -> Iterator[Dict]:
-        """Endless training batches; batch ``n`` holds items ``n*B .. n*B+B-1`` (resumable).
-        With ``cycle`` the item indices repeat modulo ``cycle`` (overfitting a few pairs)."""
-        step = int(start)
+        """Endless training batches from batch ``start`` on (:meth:`batch_number`)."""
+        number = int(start)
         while True:
-            indices = range(step * batch_size, (step + 1) * batch_size)
-            yield self.batch([i % cycle for i in indices] if cycle else list(indices))
-            step += 1
+            yield self.batch_number(number, batch_size, cycle)
+            number += 1
 
     def validation_pairs(self, count: int = 6) -> List[Pair]:
         """Fixed held-out cases: the validation stream with its own seed (the same cases for

@@ -38,8 +38,8 @@ A mapping read by :func:`loss_terms`:
     labels (semi-supervised; synthetic pairs always have labels).
 ``"lr"``, ``"batch_size"``: defaults for ``--lr`` and ``--batch-size``.
 ``"curriculum"``: ``{"spacing_mm", "fraction", "batch_size"}`` of the coarse stage (below), or None.
-``"synth"``: defaults for ``SynthConfig`` fields (``--synth`` overrides them), e.g. no second-contrast
-    pairs for a method trained with a same-contrast similarity.
+``"synth"``: defaults for ``SynthConfig`` fields (``--synth`` overrides them), e.g. no
+    second-contrast pairs for a method trained with a same-contrast similarity.
 ``"loss_fn"``: a callable that replaces all of the above (see below).
 
 The special-loss hook: ``spec.training["loss_fn"]``
@@ -408,7 +408,8 @@ def train(options: TrainOptions) -> Dict:
             "data": generator.describe(),
             "training": {"iterations": at_step, "planned_iterations": options.iterations,
                          "batch_size": batch_size, "lr": lr, "optimiser": "Adam",
-                         "schedule": "linear warm-up 5%, constant to 50%, half-cosine decay to 0.1 x lr",
+                         "schedule": "linear warm-up 5%, constant to 50%, half-cosine decay "
+                                     "to 0.1 x lr",
                          "gradient_clip_norm": 10.0, "seed": options.seed,
                          "curriculum": coarse,
                          "overfit_items": options.overfit or None,
@@ -449,13 +450,10 @@ def train(options: TrainOptions) -> Dict:
     network.train()
 
     def batch_at(index: int) -> Dict:
-        """Batch ``index``: items ``index*B .. index*B+B-1`` of the stage's generator (so a
-        resumed run replays the same data)."""
+        """Batch ``index`` of the stage's generator (resumable: ``PairGenerator.batch_number``)."""
         source, size = ((coarse_generator, coarse["batch_size"]) if index < first_fine_step
                         else (generator, batch_size))
-        items = range(index * size, (index + 1) * size)
-        return source.batch([i % options.overfit for i in items] if options.overfit
-                            else list(items))
+        return source.batch_number(index, size, options.overfit or None)
     losses_seen: List[float] = []
     running: Dict[str, float] = {}
     tic = time.perf_counter()
