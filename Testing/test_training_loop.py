@@ -1,6 +1,8 @@
 """The trainer: a tiny vm-diff run lowers the loss, keeps a checkpoint whose model card matches
 its file, resumes, and the checkpoint is what ``deepreg register --method vm-diff`` loads; the
 ``loss_fn`` hook receives what the docstring promises."""
+import contextlib
+import dataclasses
 import json
 import os
 
@@ -100,8 +102,18 @@ def test_checkpoint_loads_through_the_command_line(trained, tmp_path, monkeypatc
     assert described["vm-diff"]["model_card"]["sha256"] == card["sha256"]
 
 
+@contextlib.contextmanager
+def vm_diff_copy(name, training):
+    """vm-diff registered as ``name`` with its own ``training`` schema, for the test's duration."""
+    METHODS[name] = dataclasses.replace(get_method("vm-diff"), name=name,
+                                        checkpoint=f"{name}.pt", training=training)
+    try:
+        yield
+    finally:
+        METHODS.pop(name)
+
+
 def test_loss_fn_hook_receives_the_documented_arguments(tmp_path):
-    base = get_method("vm-diff")
     calls = []
 
     def loss_fn(network, fixed, moving, batch):
@@ -111,17 +123,11 @@ def test_loss_fn_hook_receives_the_documented_arguments(tmp_path):
         loss = soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], displacement)
         return loss, {"dice_loss": loss}
 
-    import dataclasses
-    spec = dataclasses.replace(base, name="hook-test", checkpoint="hook-test.pt",
-                               training={"loss_fn": loss_fn, "lr": 1e-3})
-    METHODS["hook-test"] = spec
-    try:
+    with vm_diff_copy("hook-test", {"loss_fn": loss_fn, "lr": 1e-3}):
         card = train(TrainOptions(method="hook-test", output=str(tmp_path / "hook-test.pt"),
                                   iterations=2, sources=[tiny_volume()], val_every=0,
                                   val_cases=1, batch_size=2, spacing_mm=8.0, config=TINY,
                                   progress=False))
-    finally:
-        METHODS.pop("hook-test")
     steps = [c["step"] for c in calls if c["training"]]
     assert steps == [0, 1]
     assert sum(1 for c in calls if not c["training"]) == 2  # validation at step 0 and the end
@@ -137,7 +143,6 @@ def test_loss_fn_hook_receives_the_documented_arguments(tmp_path):
 def test_curriculum_trains_coarse_then_fine_and_keeps_only_fine_checkpoints(tmp_path):
     """The first steps run on the coarse grid with the coarse batch, the rest on the working grid;
     validation follows the stage's grid, and a coarse-stage network is never kept as "best"."""
-    base = get_method("vm-diff")
     shapes = []
 
     def loss_fn(network, fixed, moving, batch):
@@ -147,13 +152,9 @@ def test_curriculum_trains_coarse_then_fine_and_keeps_only_fine_checkpoints(tmp_
         loss = soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], displacement)
         return loss, {}
 
-    import dataclasses
-    spec = dataclasses.replace(base, name="curriculum-test", checkpoint="curriculum-test.pt",
-                               training={"loss_fn": loss_fn, "lr": 1e-3,
-                                         "curriculum": {"spacing_mm": 8.0, "fraction": 0.5,
-                                                        "batch_size": 3}})
-    METHODS["curriculum-test"] = spec
-    try:
+    curriculum = {"spacing_mm": 8.0, "fraction": 0.5, "batch_size": 3}
+    with vm_diff_copy("curriculum-test",
+                      {"loss_fn": loss_fn, "lr": 1e-3, "curriculum": curriculum}):
         card = train(TrainOptions(method="curriculum-test", output=str(tmp_path / "c.pt"),
                                   iterations=4, sources=[tiny_volume()], val_every=1,
                                   val_cases=1, batch_size=1, spacing_mm=4.0, config=TINY,
@@ -162,8 +163,6 @@ def test_curriculum_trains_coarse_then_fine_and_keeps_only_fine_checkpoints(tmp_
             train(TrainOptions(method="curriculum-test", output=str(tmp_path / "d.pt"),
                                iterations=4, sources=[tiny_volume()], spacing_mm=4.0,
                                config=TINY, coarse_fraction=1.0, progress=False))
-    finally:
-        METHODS.pop("curriculum-test")
     coarse_shape = (3, 1, 32, 32, 32)      # 144 mm at 8 mm -> 18 voxels -> multiple of 16
     fine_shape = (1, 1, 48, 48, 48)        # 36-40 voxels at 4 mm -> 48
     assert shapes == [coarse_shape, coarse_shape, fine_shape, fine_shape]
