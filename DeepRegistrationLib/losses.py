@@ -195,16 +195,25 @@ def central_region_mask(shape, margin_fraction: float = 0.25, device=None) -> to
 
 def invertibility_loss(forward: torch.Tensor, backward: torch.Tensor,
                        margin_fraction: float = 0.25) -> torch.Tensor:
-    """VTN's invertibility loss ``||f12 * f21||^2 + ||f21 * f12||^2`` over the central region.
+    """VTN's invertibility loss (Zhao et al., JBHI 2020), unnormalised as in the paper: the squared
+    L2 norm ``||f12 * f21||^2 + ||f21 * f12||^2`` over the central region -- a *sum* over its voxels
+    and the three components, in squared voxels -- averaged over the batch.
 
     ``f1 * f2 = f2 + warp(f1, f2)`` (``spatial.compose``); a pair of mutually inverse fields
-    composes to zero displacement both ways.
+    composes to zero displacement both ways. The margin (a quarter of each side) keeps out the
+    border, where a field warped past the grid is extrapolated.
+
+    Being a sum, the term depends on the grid: for the same physical inconsistency of ``e`` mm it
+    is ``2 * n_centre * (e / s)^2`` for ``n_centre`` central voxels of side ``s`` mm -- about
+    ``n^3 / 8`` voxels for an ``n^3`` grid. Halving the voxel size multiplies it by 32 (8 times
+    the voxels, 4 times the squared voxel displacement). A caller that wants the per-voxel mean
+    divides by ``central_region_mask(shape).sum()``.
     """
     mask = central_region_mask(forward.shape[2:], margin_fraction, forward.device)
     there_and_back = compose(forward, backward)
     back_and_there = compose(backward, forward)
     squared = (there_and_back ** 2).sum(1, keepdim=True) + (back_and_there ** 2).sum(1, keepdim=True)
-    return _masked_mean(squared, mask)
+    return (squared * mask.to(squared.dtype)).sum(dim=(1, 2, 3, 4)).mean()
 
 
 def gaussian_kl_loss(mean: torch.Tensor, log_sigma: torch.Tensor,

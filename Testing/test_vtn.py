@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from conftest import blob_volume, make_image
@@ -194,6 +195,10 @@ def test_spec_hooks_and_variants():
     assert spec.working_spacing_mm == 4.0
 
 
+def vtn_pad(image, multiple=16):
+    return spatial.pad_to_multiple(image, multiple)[0]
+
+
 def _images(shape=(40, 36, 44), spacing=(2.0, 2.0, 2.0)):
     fixed = blob_volume(shape, seed=5)
     moving = blob_volume(shape, seed=5)
@@ -201,7 +206,8 @@ def _images(shape=(40, 36, 44), spacing=(2.0, 2.0, 2.0)):
     return make_image(fixed, spacing), make_image(moving, spacing)
 
 
-def test_engine_runs_vtn_from_a_checkpoint_with_variants(tmp_path, monkeypatch):
+def test_engine_runs_vtn_from_a_checkpoint_and_variants_only_from_their_own(tmp_path,
+                                                                           monkeypatch, capsys):
     monkeypatch.setenv("DEEPREG_CHECKPOINTS", str(tmp_path))  # searched before Resources/
     spec = get_method("vtn")
     fixed, moving = _images()
@@ -209,19 +215,46 @@ def test_engine_runs_vtn_from_a_checkpoint_with_variants(tmp_path, monkeypatch):
     save_checkpoint(str(tmp_path / "vtn.pt"), network, "vtn", dict(spec.config), {"test": True})
     result = engine.register(fixed, moving, "vtn")
     assert result.displacement.shape == (1, 3, 40, 36, 44)
-    assert torch.isfinite(result.displacement).all()
+    assert result.displacement.abs().max() > 0.05   # the perturbed cascade really moves
+    # the shipped variant by name is the shipped checkpoint itself
+    named = engine.register(fixed, moving, "vtn", options={"variant": "ADDD"})
+    assert torch.equal(named.displacement, result.displacement)
 
-    # a prefix of the shipped cascade runs its first stages; it differs from the full cascade
-    prefix = engine.register(fixed, moving, "vtn", options={"variant": "AD"})
-    assert not torch.allclose(prefix.displacement, result.displacement, atol=1e-5)
-    # a variant that is not a prefix needs its own checkpoint, and says how to train it
-    with pytest.raises(UserInputError, match="vtn-DDD.pt"):
-        engine.register(fixed, moving, "vtn", options={"variant": "DDD"})
-    own = vtn.build_network(dict(spec.config, variant="DDD"))  # identity network
-    save_checkpoint(str(tmp_path / "vtn-DDD.pt"), own, "vtn", dict(spec.config, variant="DDD"),
+    # AD is NOT the first two stages of the shipped ADDD: without vtn-AD.pt it is refused
+    with pytest.raises(UserInputError, match="vtn-AD.pt") as refused:
+        engine.register(fixed, moving, "vtn", options={"variant": "AD"})
+    assert "\n" not in str(refused.value) and "is ADDD" in str(refused.value)
+    # ... and through the command line that is a one-line error with exit status 2
+    from DeepRegistrationLib.cli import main
+    image_paths = []
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        image_paths.append(str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(image, image_paths[-1])
+    capsys.readouterr()
+    code = main(["register", *image_paths, "--method", "vtn", "--variant", "AD",
+                 "--output", str(tmp_path / "out"), "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("deepreg: error:") and "vtn-AD.pt" in error
+    assert len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    # a separately trained vtn-AD.pt is loaded and run whole: here an untrained one (the
+    # identity), while the first two stages of the perturbed ADDD move the image
+    own = vtn.build_network(dict(spec.config, variant="AD"))
+    save_checkpoint(str(tmp_path / "vtn-AD.pt"), own, "vtn", dict(spec.config, variant="AD"),
                     {"test": True})
-    identity = engine.register(fixed, moving, "vtn", options={"variant": "DDD"})
-    assert identity.displacement.abs().max() < 1e-6
+    separate = engine.register(fixed, moving, "vtn", options={"variant": "AD"})
+    assert separate.displacement.abs().max() < 1e-6
+    pair_tensors = [torch.from_numpy(sitk.GetArrayFromImage(i)).float()[None, None]
+                    for i in (fixed, moving)]
+    with torch.no_grad():
+        first_two = network.stages(*[vtn_pad(t) for t in pair_tensors], count=2)[-1]
+    assert first_two["displacement"].abs().max() > 0.05
+    # a file named for one variant but holding another is refused
+    save_checkpoint(str(tmp_path / "vtn-DD.pt"), own, "vtn", dict(spec.config, variant="AD"),
+                    {"test": True})
+    with pytest.raises(UserInputError, match="holds VTN variant 'AD', not 'DD'"):
+        engine.register(fixed, moving, "vtn", options={"variant": "DD"})
 
 
 def test_second_contrast_pairs_train_on_the_fixed_contrast():

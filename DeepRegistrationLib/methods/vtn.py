@@ -43,8 +43,12 @@ The method, as in the paper (equation numbers of the arXiv version in brackets):
   With fewer dense stages the similarity weights are taken from the *end* of (0, 0.05, 1): the
   last dense stage always has 1, the one before it 0.05, earlier ones 0 (D: 1; DD: 0.05, 1).
 - *Invertibility* ("+inv"): the network also registers the pair the other way round and
-  ``L_inv = ||f12 * f21||^2 + ||f21 * f12||^2`` over the central region (a quarter of each side left
-  out), weight 1e-3, is added; both directions contribute their Table I losses (averaged).
+  ``L_inv = ||f12 * f21||^2 + ||f21 * f12||^2``, the unnormalised squared norm -- a sum over the
+  voxels of the central region (a quarter of each side left out) -- weight 1e-3, is added; both
+  directions contribute their Table I losses (averaged). Being a sum in squared voxels, the term
+  grows with the grid (``losses.invertibility_loss``): on the 4 mm training canvas (48x64x64) the
+  central region has 24,576 voxels, on the 8 mm curriculum stage 3,072, on the paper's 128^3
+  volumes 262,144.
   Synthetic pairs in two contrasts are trained in one (``same_contrast``): 1 - CorrCoef is a
   same-contrast similarity. Config ``"similarity": "lncc"`` swaps in local NCC (not the paper's).
 
@@ -86,6 +90,8 @@ AFFINE_DETERMINANT_WEIGHT = 0.1
 AFFINE_ORTHOGONALITY_WEIGHT = 0.1
 DENSE_SIMILARITY_WEIGHTS = (0.0, 0.05, 1.0)   # of the last three dense stages, in order
 DENSE_TV_WEIGHT = 1.0
+# on the unnormalised sum of losses.invertibility_loss, as in the paper (a per-voxel mean with this
+# weight, used before, made "+inv" about 2.5e4 times weaker on the 4 mm canvas: 1-2.5% of the loss)
 INVERTIBILITY_WEIGHT = 1e-3
 # the paper's similarity is "cc" (1 - CorrCoef over the volume); "lncc" (local, 5-voxel windows)
 # is offered as a training option -- not the paper's -- for pairs where a global measure is weak
@@ -298,7 +304,8 @@ def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
 
     With invertibility the pair is registered both ways in one batch of ``2B`` (fixed to moving
     and moving to fixed), the Table I losses are averaged over both directions, and
-    ``1e-3 * L_inv(f12, f21)`` is added. Second-contrast synthetic pairs are replaced by
+    ``1e-3 * L_inv(f12, f21)`` (the paper's unnormalised sum, ``losses.invertibility_loss``) is
+    added. Second-contrast synthetic pairs are replaced by
     same-contrast ones (:func:`same_contrast`).
     """
     moving = same_contrast(fixed, moving, batch)
@@ -317,16 +324,19 @@ def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------ inference
-def select_checkpoint(spec: MethodSpec, variant: Optional[str], device="cpu"):
-    """``(network, count)`` for a requested variant.
+def select_checkpoint(spec: MethodSpec, variant: Optional[str], device="cpu") -> VTN:
+    """The network for a requested variant: ``vtn-<VARIANT>.pt`` when it exists (the paper's
+    ablation trains each variant on its own), the shipped ``vtn.pt`` when it *is* that variant,
+    and otherwise a one-line error naming the training command.
 
-    ``vtn-<VARIANT>.pt`` when it exists (the paper's ablation trains each variant on its own);
-    otherwise the shipped ``vtn.pt`` when the variant is one of its prefixes (``AD`` and ``ADD``
-    are the first stages of ``ADDD``: its intermediate, coarser result), run for ``count``
-    stages; otherwise a clear error naming the training command.
+    The first stages of the shipped ADDD are never passed off as AD or ADD: a stage of a cascade
+    was trained to hand its residual to the next one (Table I gives the first dense stage no
+    similarity term at all), which is not what a separately trained AD or ADD learns. Running ADDD
+    truncated after stage k is an analysis (``VTN.stages``; benchmarks/vtn_stages.py), reported
+    under that name.
     """
     if variant is None:
-        return load_network(spec, device), None
+        return load_network(spec, device)
     variant = check_variant(variant)
     own = find_checkpoint(f"vtn-{variant}.pt")
     if own is not None:
@@ -334,29 +344,23 @@ def select_checkpoint(spec: MethodSpec, variant: Optional[str], device="cpu"):
         if network.variant != variant:
             raise UserInputError(f"checkpoint '{own}' holds VTN variant '{network.variant}', "
                                  f"not '{variant}'")
-        return network, None
+        return network
     network = load_network(spec, device)
     if network.variant == variant:
-        return network, None
-    if network.variant.startswith(variant):
-        return network, len(variant)
-    prefixes = [network.variant[:n] for n in range(1, len(network.variant) + 1)
-                if re.fullmatch(r"A?D+", network.variant[:n])]
+        return network
     raise UserInputError(
-        f"VTN variant '{variant}' needs its own checkpoint vtn-{variant}.pt (not found in "
-        f"{', '.join(checkpoint_folders())}); the shipped {spec.checkpoint} ({network.variant}) "
-        f"also runs as {', '.join(prefixes)}. Train one with: python -m training train --method "
-        f"vtn --config '{{\"variant\": \"{variant}\"}}' --output "
+        f"VTN variant '{variant}' needs its own checkpoint vtn-{variant}.pt, not found in "
+        f"{', '.join(checkpoint_folders())} (the shipped {spec.checkpoint} is {network.variant}, "
+        f"and its first stages are not a trained {variant}); train one with: python -m training "
+        f"train --method vtn --config '{{\"variant\": \"{variant}\"}}' --output "
         f"Resources/checkpoints/vtn-{variant}.pt")
 
 
 def run(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
     """Forward the cascade on the 4 mm working grid (``base.run_network``), with the variant
     from ``inputs.options["variant"]`` (``--variant``)."""
-    network, count = select_checkpoint(spec, inputs.options.get("variant"), inputs.fixed.device)
-    stages = network.variant[:count] if count else network.variant
-    return run_network(inputs, spec, lambda fixed, moving: network(fixed, moving, count),
-                       label=f"{spec.name} {stages}")
+    network = select_checkpoint(spec, inputs.options.get("variant"), inputs.fixed.device)
+    return run_network(inputs, spec, network, label=f"{spec.name} {network.variant}")
 
 
 SPEC = register_method(MethodSpec(
@@ -366,7 +370,7 @@ SPEC = register_method(MethodSpec(
           "Tweening Network, IEEE JBHI 2020",
     description="An affine subnetwork then three dense encoder-decoders, each registering the "
                 "fixed image to the re-warped moving image; flows composed. 4 mm grid; add "
-                "--refine for detail. --variant D..ADDD selects the cascade.",
+                "--refine for detail. --variant X runs a separately trained vtn-X.pt.",
     run=run,
     build_network=build_network,
     config=dict(DEFAULT_CONFIG),
