@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .spatial import (compose, forward_differences, jacobian_determinant, spatial_gradient)
+from .spatial import (compose, forward_differences, one_sided_jacobian_determinants,
+                      spatial_gradient)
 
 EPS = 1e-5
 # Local variances of [0, 1] images over small windows are often 1e-4..1e-2: the LNCC denominator
@@ -147,9 +148,14 @@ def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 1, dilati
 
 # ---------------------------------------------------------------------------------- regularisers
 def diffusion_loss(displacement: torch.Tensor) -> torch.Tensor:
-    """Diffusion regulariser ``1/2 mean_x sum_{c,d} (du_c/dx_d)^2`` (central differences)."""
-    grad = spatial_gradient(displacement)
-    return 0.5 * (grad ** 2).sum(dim=(1, 2)).mean()
+    """Diffusion regulariser ``1/2 sum_d mean_x sum_c (u_c(x + e_d) - u_c(x))^2``.
+
+    Forward differences (each mean over the voxels that have the neighbour), not central ones:
+    a central difference skips the voxel itself, so a field alternating every voxel
+    (``u = a (-1)^i``, an odd-even fold) has central derivative 0 and would cost nothing; here
+    it costs ``2 a^2``. For a smooth field the two agree (a linear field gives the same value).
+    """
+    return 0.5 * sum((diff ** 2).sum(1).mean() for diff in forward_differences(displacement))
 
 
 def total_variation_loss(displacement: torch.Tensor) -> torch.Tensor:
@@ -161,11 +167,18 @@ def total_variation_loss(displacement: torch.Tensor) -> torch.Tensor:
 def negative_jacobian_loss(displacement: torch.Tensor) -> torch.Tensor:
     """Folding penalty of R2Net: ``mean(0.5 (|J| - J))`` = mean of ``max(-det J, 0)``.
 
-    ``J`` is the determinant of ``I + grad u`` from ``spatial.jacobian_determinant`` (identity added
-    once); only folded voxels (det < 0) contribute.
+    ``J`` ranges over the 8 one-sided finite-difference determinants of ``I + grad u`` at every
+    voxel (``spatial.one_sided_jacobian_determinants``, identity added once), averaged: the same
+    determinants as the strict folding measure. A central-difference ``J`` (used here before)
+    is their mean and is blind to folds that alternate every voxel, which a network can then
+    learn without penalty (R2Net's public code takes forward differences, one of the 8, per the
+    review in issue #13). Only folded corners (det < 0) contribute; a uniform mirror (det -1
+    everywhere) costs 1.
     """
-    det = jacobian_determinant(displacement)
-    return (0.5 * (det.abs() - det)).mean()
+    total = 0.0
+    for det in one_sided_jacobian_determinants(displacement):
+        total = total + (0.5 * (det.abs() - det)).mean()
+    return total / 8.0
 
 
 def _singular_values_squared(transform: torch.Tensor) -> torch.Tensor:

@@ -203,6 +203,68 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
             + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0]))
 
 
+def one_sided_differences(field: torch.Tensor, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward ``f(x + e) - f(x)`` and backward ``f(x) - f(x - e)`` differences along spatial
+    ``axis`` (0, 1, 2 = D, H, W), each the full shape of ``field``.
+
+    Where the neighbour on one side is outside the grid the other side's difference stands in
+    (at the border there is only one difference to take); an axis of one voxel has zero
+    derivative.
+    """
+    dim = axis + 2
+    n = field.shape[dim]
+    if n < 2:
+        zero = torch.zeros_like(field)
+        return zero, zero
+    step = field.narrow(dim, 1, n - 1) - field.narrow(dim, 0, n - 1)
+    forward = torch.cat([step, step.narrow(dim, n - 2, 1)], dim=dim)
+    backward = torch.cat([step.narrow(dim, 0, 1), step], dim=dim)
+    return forward, backward
+
+
+def one_sided_jacobian_determinants(displacement: torch.Tensor):
+    """The 8 one-sided finite-difference Jacobian determinants of ``x -> x + u(x)``, one
+    ``(B, D, H, W)`` tensor at a time (forward or backward difference on each of the 3 axes).
+
+    They are the Jacobians, at the voxel centre ``x``, of the trilinear interpolant of the map on
+    the 8 grid cells that have ``x`` as a corner: all 8 are positive exactly when no cell around
+    ``x`` is turned inside out there. Central differences average the two sides and miss a fold
+    that alternates every voxel (odd-even / checkerboard): ``u = a (-1)^i`` has central
+    derivative 0 (det 1) but one-sided derivatives ``+-2a``. As for
+    :func:`jacobian_determinant`, the voxel-unit determinant equals the physical one (each
+    one-sided Jacobian is similar to its physical counterpart through direction and spacing).
+    A generator, so a caller taking the minimum or a sum holds one determinant at a time.
+    """
+    columns = []  # columns[d] = (forward, backward) of e_d + du/dx_d, the d-th column of J
+    for axis in range(3):
+        pair = []
+        for difference in one_sided_differences(displacement, axis):
+            column = difference.clone()
+            column[:, axis] += 1.0
+            pair.append(column)
+        columns.append(pair)
+    for second in columns[1]:
+        for third in columns[2]:
+            normal = torch.linalg.cross(second, third, dim=1)
+            for first in columns[0]:
+                yield (first * normal).sum(dim=1)  # det = c0 . (c1 x c2)
+
+
+def strict_jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """Per voxel, the minimum ``(B, D, H, W)`` of the 8 one-sided Jacobian determinants
+    (:func:`one_sided_jacobian_determinants`): <= 0 wherever any cell around the voxel folds.
+
+    The determinant is linear in each column and a central difference is the mean of the two
+    one-sided ones, so the central-difference :func:`jacobian_determinant` is exactly the *mean*
+    of the 8 (borders included): the strict value is never above it, every voxel the central
+    scheme calls folded is folded here too, and odd-even folds it averages away are not hidden.
+    """
+    result = None
+    for determinant in one_sided_jacobian_determinants(displacement):
+        result = determinant if result is None else torch.minimum(result, determinant)
+    return result
+
+
 def forward_differences(field: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward differences along D, H and W (each one voxel shorter on its axis)."""
     return (field[:, :, 1:] - field[:, :, :-1],
