@@ -81,15 +81,20 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
     if refine < 0:
         raise UserInputError(f"--refine must be 0 or more, not {refine}")
     torch_device = resolve_device(device)
-    scope = ProgressScope(progress, cancel=cancel)
+    # per-stage seconds (summary.json's timings_seconds): the engine's stages here, finer ones
+    # (each pyramid level, the final integration) recorded by the method through the scope
+    timings: Dict[str, float] = {}
+    scope = ProgressScope(progress, cancel=cancel, timings=timings)
     check_overlap(fixed, moving)
 
     scope.report(0.0, "prepare", "resampling the moving image into the fixed frame")
-    moving_on_fixed = resample_to_reference(moving, fixed)
-    fixed_tensor = image_to_tensor(fixed, device=torch_device)
-    moving_tensor = image_to_tensor(moving_on_fixed, device=torch_device)
+    with scope.timed("resample moving to fixed grid"):
+        moving_on_fixed = resample_to_reference(moving, fixed)
+    with scope.timed("normalise to tensors"):
+        fixed_tensor = image_to_tensor(fixed, device=torch_device)
+        moving_tensor = image_to_tensor(moving_on_fixed, device=torch_device)
     spacing = tuple(float(s) for s in fixed.GetSpacing()[::-1])
-    timings = {"prepare": time.perf_counter() - started}
+    timings["prepare"] = time.perf_counter() - started
 
     method_end = 0.7 if refine else 1.0
     inputs = RegistrationInputs(fixed_tensor, moving_tensor, spacing, similarity, regularization,

@@ -32,7 +32,7 @@ from .base import MethodSpec, RegistrationInputs, pyramid_shapes, register_metho
 # run (benchmarks/benchmark.py): most steps at 1/4 and 1/2 resolution, a short full-resolution
 # polish.
 DEFAULT_ITERATIONS = (80, 30, 6)
-DEFAULT_REGULARIZATION = {"lncc": 5.0, "mind": 1.0, "ncc": 1.0, "mse": 0.5, "ngf": 1.0}
+DEFAULT_REGULARIZATION = {"lncc": 5.0, "mind": 1.0, "ncc": 1.0, "mse": 0.5, "ngf": 1.0, "mi": 1.0}
 DEFAULT_LEARNING_RATE = 0.2
 DEFAULT_MAX_VOXELS = 1_500_000
 LNCC_WINDOW = 5  # voxels of each level: wider in millimetres on the coarse levels
@@ -102,29 +102,31 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor,
     velocity = None
     for level, (steps, level_shape) in enumerate(zip(iterations, shapes)):
         scope = progress.sub(float(bounds[level]), float(bounds[level + 1]))
-        control_shape = tuple(max((n - 1) // CONTROL_SPACING + 1, 4) for n in level_shape)
-        fixed_features = _features(resize_image(fixed, level_shape), similarity)
-        moving_features = _features(resize_image(moving, level_shape), similarity)
-        loss_of = _feature_loss(similarity, fixed_features)
-        start = resize_displacement(initial, level_shape) if initial is not None else None
-        if velocity is None:
-            velocity = torch.zeros((1, 3, *control_shape), device=fixed.device)
-        else:
-            velocity = resize_displacement(velocity.detach(), control_shape)
-        velocity = velocity.clone().requires_grad_(True)
-        optimiser = _Adam(velocity, learning_rate)
         stage = f"optimise level {level + 1}/{len(shapes)} ({'x'.join(map(str, level_shape))})"
-        for step in range(steps):
-            update = resize_displacement(integrate_velocity(velocity, None), level_shape)
-            total = compose(start, update) if start is not None else update
-            loss_similarity = loss_of(fixed_features, warp(moving_features, total))
-            loss = loss_similarity + weight * diffusion_loss(velocity)
-            loss.backward()
-            optimiser.step()
-            if step % 5 == 0 or step == steps - 1:
-                scope.report((step + 1) / steps, stage,
-                             f"step {step + 1}/{steps} similarity loss {loss_similarity.item():.4f}")
-    with torch.no_grad():
+        with progress.timed(f"{stage} prepare"):
+            control_shape = tuple(max((n - 1) // CONTROL_SPACING + 1, 4) for n in level_shape)
+            fixed_features = _features(resize_image(fixed, level_shape), similarity)
+            moving_features = _features(resize_image(moving, level_shape), similarity)
+            loss_of = _feature_loss(similarity, fixed_features)
+            start = resize_displacement(initial, level_shape) if initial is not None else None
+            if velocity is None:
+                velocity = torch.zeros((1, 3, *control_shape), device=fixed.device)
+            else:
+                velocity = resize_displacement(velocity.detach(), control_shape)
+            velocity = velocity.clone().requires_grad_(True)
+            optimiser = _Adam(velocity, learning_rate)
+        with progress.timed(f"{stage} {steps} steps"):
+            for step in range(steps):
+                update = resize_displacement(integrate_velocity(velocity, None), level_shape)
+                total = compose(start, update) if start is not None else update
+                loss_similarity = loss_of(fixed_features, warp(moving_features, total))
+                loss = loss_similarity + weight * diffusion_loss(velocity)
+                loss.backward()
+                optimiser.step()
+                if step % 5 == 0 or step == steps - 1:
+                    scope.report((step + 1) / steps, stage, f"step {step + 1}/{steps} "
+                                 f"similarity loss {loss_similarity.item():.4f}")
+    with progress.timed("integrate and upsample the final field"), torch.no_grad():
         update = resize_displacement(integrate_velocity(velocity, None), shape)
         return compose(resize_displacement(initial, shape), update) if initial is not None \
             else update
@@ -144,6 +146,6 @@ register_method(MethodSpec(
     description="Optimises a smooth velocity field for this pair with Adam, coarse to fine; "
                 "diffeomorphic by construction, works for any anatomy, no checkpoint needed.",
     run=_run,
-    similarities=("lncc", "mind", "ncc", "mse", "ngf"),
+    similarities=("lncc", "mind", "ncc", "mse", "ngf", "mi"),
     estimated_seconds={"2mm": 6.0, "1mm": 25.0},  # register + write outputs, 2 cores
 ))
