@@ -78,9 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     def common(sub):
         sub.add_argument("--refine", type=int, default=0, metavar="N",
                          help="instance-optimisation steps after the method (default 0)")
-        sub.add_argument("--similarity", choices=["lncc", "mind", "ncc", "mse", "ngf"],
+        sub.add_argument("--similarity", choices=["lncc", "mind", "ncc", "mse", "ngf", "mi"],
                          help="similarity: lncc (same modality, default), mind (multi-modal), "
-                              "ncc, mse, ngf")
+                              "ncc, mse, ngf, mi (mutual information, multi-modal)")
         sub.add_argument("--regularization", type=float, metavar="W",
                          help="weight of the smoothness term of instance optimisation")
         sub.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")

@@ -146,6 +146,76 @@ def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 1, dilati
                         ** 2, mask)
 
 
+MI_BINS = 32
+MI_PADDING = 2  # empty bins at each end, so the cubic window never leaves the histogram
+
+
+def parzen_joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, bins: int = MI_BINS,
+                           mask=None) -> torch.Tensor:
+    """Joint intensity distribution ``(B, bins, bins)`` (fixed bin, warped bin) of two
+    single-channel images in [0, 1], as Mattes et al. (IEEE TMI 2003) and ITK's Mattes metric.
+
+    Intensities are clipped to [0, 1] and mapped to bin coordinates ``t = v (bins - 4) + 2``. Each
+    fixed voxel falls in its nearest bin (a zero-order window: the fixed image does not move); each
+    warped voxel spreads over four bins with the cubic B-spline window ``beta3(t - b)``, so
+    ``p(a, b) = mean_x [a = round(t_F(x))] beta3(t_W(x) - b)`` is twice differentiable in the
+    warped intensities and sums to 1. Four taps per voxel keep it cheaper than local NCC.
+    ``mask`` (``(B, 1, D, H, W)``) restricts the histogram to its voxels.
+    """
+    scale = bins - 2 * MI_PADDING
+    fixed_bin = torch.round(fixed.detach().clamp(0.0, 1.0).flatten(1) * scale + MI_PADDING).long()
+    position = warped.clamp(0.0, 1.0).flatten(1) * scale + MI_PADDING
+    first = torch.floor(position.detach())
+    u = position - first                       # in [0, 1): where the voxel sits in its bin
+    u2, u3 = u * u, u * u * u
+    weights = torch.stack([(1 - u) ** 3, 3 * u3 - 6 * u2 + 4, -3 * u3 + 3 * u2 + 3 * u + 1, u3],
+                          dim=-1) / 6.0        # beta3 at the taps first - 1 .. first + 2
+    taps = (first.long() - 1).unsqueeze(-1) + torch.arange(4, device=warped.device)
+    index = fixed_bin.unsqueeze(-1) * bins + taps.clamp(0, bins - 1)
+    if mask is None:
+        count = torch.full((fixed.shape[0], 1), float(position.shape[1]), device=warped.device,
+                           dtype=warped.dtype)
+    else:
+        sample = mask.to(warped.dtype).expand_as(warped).flatten(1)
+        weights = weights * sample.unsqueeze(-1)
+        count = sample.sum(1, keepdim=True).clamp_min(1.0)
+    joint = torch.zeros((fixed.shape[0], bins * bins), device=warped.device, dtype=warped.dtype)
+    joint = joint.scatter_add(1, index.flatten(1), weights.flatten(1)) / count
+    return joint.view(-1, bins, bins)
+
+
+def _entropy(probabilities: torch.Tensor, dims) -> torch.Tensor:
+    tiny = torch.finfo(probabilities.dtype).tiny
+    return -(probabilities * torch.log(probabilities.clamp_min(tiny))).sum(dims)
+
+
+def mutual_information(fixed: torch.Tensor, warped: torch.Tensor, bins: int = MI_BINS,
+                       mask=None) -> torch.Tensor:
+    """Mutual information (nats) per batch item ``(B,)``,
+    ``MI = H(F) + H(W) - H(F, W)`` of the Parzen joint histogram
+    (:func:`parzen_joint_histogram`) and its marginals. Global: one intensity mapping for the
+    whole image, however non-monotone, costs nothing."""
+    joint = parzen_joint_histogram(fixed, warped, bins, mask)
+    return _entropy(joint.sum(2), 1) + _entropy(joint.sum(1), 1) - _entropy(joint, (1, 2))
+
+
+def mutual_information_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = MI_BINS,
+                            mask=None) -> torch.Tensor:
+    """``1 - MI(F, W) / H(F)`` (multi-modal similarity, any intensity mapping).
+
+    ``H(F)``, the entropy of the fixed marginal, bounds ``MI`` from above, so the loss lies in
+    [0, 1]: 1 for unrelated images, lower the more the warped image tells about the fixed one. It
+    does not reach 0 even for identical images (the warped image's cubic window spreads each voxel
+    over four bins: about 0.35 for smooth test volumes). ``H(F)`` does not depend on the warp, so
+    the gradient is that of ``-MI`` scaled per pair, which keeps the regularisation weight
+    comparable between pairs.
+    """
+    joint = parzen_joint_histogram(fixed, warped, bins, mask)
+    entropy_f = _entropy(joint.sum(2), 1)
+    information = entropy_f + _entropy(joint.sum(1), 1) - _entropy(joint, (1, 2))
+    return (1.0 - information / entropy_f.clamp_min(EPS)).mean()
+
+
 # ---------------------------------------------------------------------------------- regularisers
 def diffusion_loss(displacement: torch.Tensor) -> torch.Tensor:
     """Diffusion regulariser ``1/2 sum_d mean_x sum_c (u_c(x + e_d) - u_c(x))^2``.
@@ -250,11 +320,12 @@ SIMILARITIES = {
     "ncc": correlation_coefficient_loss,
     "mse": mse_loss,
     "ngf": ngf_loss,
+    "mi": mutual_information_loss,
 }
 
 
 def similarity_loss(name: str):
-    """The similarity function registered under ``name`` (lncc, mind, ncc, mse, ngf)."""
+    """The similarity function registered under ``name`` (lncc, mind, ncc, mse, ngf, mi)."""
     try:
         return SIMILARITIES[name]
     except KeyError:
