@@ -7,8 +7,11 @@ Every function that turns a user's file into an image checks it and raises
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import os
-from typing import List, Tuple
+import zlib
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,12 +26,19 @@ READABLE = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd)"
 
 # ------------------------------------------------------------------------------------- reading
 def read_image(path: str, role: str = "image") -> sitk.Image:
-    """Read a 3-D scalar image; raise a clear :class:`UserInputError` for anything else."""
+    """Read a 3-D scalar image; raise a clear :class:`UserInputError` for anything else
+    (including a truncated or corrupt file, see :func:`check_file_complete`)."""
+    return _read_checked(path, role)[0]
+
+
+def _read_checked(path: str, role: str) -> Tuple[sitk.Image, int]:
+    """:func:`read_image`, plus the NaN/inf count of a float NIfTI file (ITK reads them as 0)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserInputError(f"{role} file not found: {path}")
     if os.path.isdir(path):
         raise UserInputError(f"{role} '{path}' is a folder; give an image file ({READABLE})")
+    nonfinite = check_file_complete(path, role)  # before ITK, which may read zeros or print
     try:
         image = sitk.ReadImage(path)
     except RuntimeError:
@@ -47,7 +57,7 @@ def read_image(path: str, role: str = "image") -> sitk.Image:
     if min(image.GetSize()) < 4:
         raise UserInputError(f"{role} '{path}' has size {image.GetSize()}; every axis needs at "
                              "least 4 voxels")
-    return image
+    return image, nonfinite
 
 
 def check_intensities(image: sitk.Image, role: str, path: str = "") -> Tuple[sitk.Image, List[str]]:
@@ -78,8 +88,7 @@ def check_intensities(image: sitk.Image, role: str, path: str = "") -> Tuple[sit
 
 def load_image(path: str, role: str = "image") -> Tuple[sitk.Image, List[str]]:
     """Read and check a volume: float32 SimpleITK image plus notes (see :func:`check_intensities`)."""
-    image = read_image(path, role)
-    hidden = _nifti_nonfinite_count(os.fspath(path))
+    image, hidden = _read_checked(path, role)
     if hidden and hidden >= image.GetNumberOfPixels():
         raise UserInputError(f"{role} '{path}' has no finite voxel (all NaN or inf)")
     image, notes = check_intensities(image, role, os.fspath(path))
@@ -89,18 +98,235 @@ def load_image(path: str, role: str = "image") -> Tuple[sitk.Image, List[str]]:
     return image, notes
 
 
-def _nifti_nonfinite_count(path: str) -> int:
-    """ITK's NIfTI reader turns NaN into 0 silently; count them in the file so we can say so."""
-    if not path.lower().endswith((".nii", ".nii.gz")):
-        return 0
+# ------------------------------------------------------------------------------ complete files
+# ITK reads a NIfTI file that was cut short without complaint (the missing voxels come back as
+# zeros), and its MetaImage reader prints to stderr and then reports "No such file or directory".
+# So before ITK sees a file, the data its header promises is counted here, decompressing what is
+# compressed (which also checks gzip's CRC): a file with less is refused on one line.
+
+def check_file_complete(path: str, role: str = "image") -> int:
+    """Refuse a truncated or corrupt NIfTI, NRRD or MetaImage file (:class:`UserInputError`).
+
+    Returns the number of NaN/inf values stored in a float NIfTI file (0 for anything else),
+    counted while the data streams past, because ITK's NIfTI reader turns them into 0 silently.
+    Files of other formats, and headers this check does not understand, are left to ITK.
+    """
+    path = os.fspath(path)
+    lower = path.lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return _check_nifti(path, role)
+    if lower.endswith((".nrrd", ".nhdr")):
+        _check_nrrd(path, role)
+    elif lower.endswith((".mha", ".mhd")):
+        _check_metaimage(path, role)
+    return 0
+
+
+_STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+def _damaged(role: str, path: str, what: str) -> UserInputError:
+    return UserInputError(f"{role} '{path}' is truncated or damaged: {what}; copy or export the "
+                          "file again")
+
+
+def _holds(available: int, expected: int) -> str:
+    return f"it holds {max(available, 0)} of the {expected} data bytes its header promises"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _check_nifti(path: str, role: str) -> int:
+    import nibabel  # a dependency of the library; reads the header only here
+
     try:
-        import nibabel
-        data = np.asanyarray(nibabel.load(path).dataobj)
-    except Exception:  # nibabel missing or unable to read what ITK could: nothing to report
+        # the array proxy knows where the data starts (the loaded header's vox_offset is reset)
+        proxy = nibabel.load(path).dataobj
+        offset, dtype, shape = int(proxy.offset), np.dtype(proxy.dtype), tuple(proxy.shape)
+    except Exception as error:  # nibabel's header errors have many types; each is the file's fault
+        raise UserInputError(f"cannot read {role} '{path}': not a valid NIfTI file "
+                             f"({_first_line(error)})") from None
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    floating = dtype.kind == "f"
+    compressed = path.lower().endswith(".gz")
+    if not compressed and not floating:
+        size = os.path.getsize(path)
+        if size < expected:
+            raise _damaged(role, path, _holds(size - offset, expected - offset))
         return 0
-    if not np.issubdtype(data.dtype, np.floating):
-        return 0
-    return int(np.count_nonzero(~np.isfinite(data)))
+    nonfinite, position, carry = 0, 0, b""
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            # read to the end even past `expected`: gzip checks its CRC only there
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                start, position = position, position + len(block)
+                low, high = max(offset - start, 0), min(expected - start, len(block))
+                if floating and high > low:
+                    data = carry + block[low:high]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    nonfinite += int(np.count_nonzero(~np.isfinite(
+                        np.frombuffer(data[:usable], dtype))))
+                    carry = data[usable:]
+    except _STREAM_ERRORS as error:
+        raise _damaged(role, path, f"the compressed data is incomplete or corrupt "
+                                   f"({_first_line(error)})") from None
+    if position < expected:
+        raise _damaged(role, path, _holds(position - offset, expected - offset))
+    return nonfinite
+
+
+def _text_header(path: str, last_key: Optional[str]) -> Tuple[Dict[str, str], int, bool]:
+    """``key -> value`` of a NRRD header (``key: value`` lines up to a blank line) or of a
+    MetaImage header (``Key = Value`` up to ``last_key``), keys in lower case; with the byte
+    offset where the header ends and whether it ended properly (False: the file stopped inside
+    its header)."""
+    fields: Dict[str, str] = {}
+    separator = ": " if last_key is None else "="
+    with open(path, "rb") as handle:
+        if last_key is None:
+            handle.readline()  # the NRRD000X magic line
+        while True:
+            line = handle.readline(1 << 16)
+            if not line:
+                return fields, handle.tell(), False
+            text = line.decode("latin-1").strip()
+            if last_key is None and not text:
+                return fields, handle.tell(), True
+            if text.startswith("#") or (last_key is None and ":=" in text):
+                continue  # comments and NRRD key/value pairs
+            key, found, value = text.partition(separator)
+            if found:
+                fields[key.strip().lower()] = value.strip()
+                if last_key is not None and key.strip().lower() == last_key:
+                    return fields, handle.tell(), True
+
+
+def _element_count(sizes: str) -> int:
+    return int(np.prod([int(v) for v in sizes.split()], dtype=np.int64))
+
+
+def _data_file(header_path: str, name: str, role: str) -> str:
+    path = name if os.path.isabs(name) else os.path.join(os.path.dirname(header_path), name)
+    if not os.path.isfile(path):
+        raise UserInputError(f"{role} '{header_path}' names the data file '{name}', which is "
+                             f"missing (looked for {path})")
+    return path
+
+
+def _nrrd_type_size(name: str) -> Optional[int]:
+    name = " ".join(name.lower().replace("_t", "").split())
+    if name == "float":
+        return 4
+    if name == "double":
+        return 8
+    for marks, size in ((("long long", "longlong", "64"), 8), (("short", "16"), 2),
+                        (("char", "8"), 1), (("int",), 4)):
+        if any(mark in name for mark in marks):
+            return size
+    return None  # "block" or unknown: the size is not known here
+
+
+def _zlib_length(handle) -> Tuple[int, bool]:
+    """Bytes a zlib (or gzip) stream decompresses to, in bounded pieces, and whether it ended."""
+    total, decompressor = 0, zlib.decompressobj(47)  # 32 + 15: zlib or gzip header
+    for block in iter(lambda: handle.read(1 << 22), b""):
+        while block and not decompressor.eof:
+            total += len(decompressor.decompress(block, 1 << 24))
+            block = decompressor.unconsumed_tail
+        if decompressor.eof:
+            break
+    return total, decompressor.eof
+
+
+def _stream_length(stream) -> int:
+    """Bytes readable from a (decompressing) file object."""
+    return sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+
+
+def _check_nrrd(path: str, role: str) -> None:
+    with open(path, "rb") as handle:
+        if not handle.read(4) == b"NRRD":
+            return  # not a NRRD header: ITK will say so
+    fields, header_end, complete = _text_header(path, None)
+    try:
+        itemsize = _nrrd_type_size(fields["type"])
+        expected = _element_count(fields["sizes"]) * (itemsize or 0)
+        line_skip = int(fields.get("line skip", fields.get("lineskip", "0")))
+        byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
+    except (KeyError, ValueError):
+        return  # a header this check does not understand: ITK decides
+    encoding = fields.get("encoding", "raw").lower()
+    data_name = fields.get("data file", fields.get("datafile"))
+    if not itemsize or encoding not in ("raw", "gzip", "gz", "bzip2", "bz2") \
+            or (data_name and (data_name.startswith("LIST") or "%" in data_name)):
+        return  # text encodings, block types and file lists are left to ITK
+    if data_name is None and not complete:
+        raise _damaged(role, path, "the file ends inside its header")
+    data_path, start = (_data_file(path, data_name, role), 0) if data_name else (path, header_end)
+    with open(data_path, "rb") as handle:
+        handle.seek(start)
+        for _ in range(line_skip):
+            handle.readline()
+        if encoding == "raw":
+            available = os.path.getsize(data_path) - handle.tell()
+            needed = expected + max(byte_skip, 0)  # byte skip -1: the data ends the file
+            if available < needed:
+                raise _damaged(role, path, _holds(available - max(byte_skip, 0), expected))
+            return
+        try:  # these readers follow multi-member files and raise EOFError on a cut stream
+            total = _stream_length(gzip.GzipFile(fileobj=handle) if encoding in ("gzip", "gz")
+                                   else bz2.BZ2File(handle))
+        except _STREAM_ERRORS as error:
+            raise _damaged(role, path, f"the compressed data is incomplete or corrupt "
+                                       f"({_first_line(error)})") from None
+    if total < expected + max(byte_skip, 0):
+        raise _damaged(role, path, _holds(total - max(byte_skip, 0), expected))
+
+
+_META_TYPE_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8,
+                    "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage(path: str, role: str) -> None:
+    fields, header_end, complete = _text_header(path, "elementdatafile")
+    if not complete:
+        if "ndims" in fields or "dimsize" in fields:
+            raise _damaged(role, path, "the header has no ElementDataFile line (cut short?)")
+        return  # not a MetaImage header: ITK will say so
+    try:
+        itemsize = _META_TYPE_SIZES.get(fields["elementtype"].upper())
+        expected = _element_count(fields["dimsize"]) * (itemsize or 0) \
+            * int(fields.get("elementnumberofchannels", "1"))
+        header_size = int(fields.get("headersize", "0"))
+    except (KeyError, ValueError):
+        return  # a header this check does not understand: ITK decides
+    name = fields["elementdatafile"]
+    if not itemsize or name.upper().startswith("LIST") or "%" in name or len(name.split()) > 1:
+        return  # file lists and patterns are left to ITK
+    local = name.upper() == "LOCAL"
+    data_path, start = (path, header_end) if local else (_data_file(path, name, role), 0)
+    if fields.get("compresseddata", "false").lower() != "true":
+        available = os.path.getsize(data_path) - start - max(header_size, 0)
+        if available < expected:
+            raise _damaged(role, path, _holds(available, expected))
+        return
+    if header_size:
+        return  # skipped bytes in a compressed file: unusual, left to ITK
+    with open(data_path, "rb") as handle:
+        handle.seek(start)
+        try:
+            total, ended = _zlib_length(handle)
+        except _STREAM_ERRORS as error:
+            raise _damaged(role, path, f"the compressed data is incomplete or corrupt "
+                                       f"({_first_line(error)})") from None
+    if not ended:
+        raise _damaged(role, path, "the compressed data ends before its end-of-stream marker")
+    if total < expected:
+        raise _damaged(role, path, _holds(total, expected))
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-3) -> bool:
