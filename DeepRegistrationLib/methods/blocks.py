@@ -25,7 +25,7 @@ def variance_preserving_(layer: nn.Module) -> nn.Module:
     """
     gain = nn.init.calculate_gain("leaky_relu", NEGATIVE_SLOPE)
     taps = math.prod(layer.kernel_size)
-    if isinstance(layer, nn.ConvTranspose3d):  # each output voxel sees kernel / stride^3 taps
+    if isinstance(layer, (nn.ConvTranspose2d, nn.ConvTranspose3d)):  # kernel / stride^d taps
         fan_in = layer.in_channels * taps / math.prod(layer.stride)
     else:
         fan_in = layer.in_channels // layer.groups * taps
