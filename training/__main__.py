@@ -140,13 +140,13 @@ def command_evaluate(args) -> None:
 
 
 def command_ms_init(args) -> None:
-    import torch
     from DeepRegistrationLib.methods import get_method, save_checkpoint
+    from DeepRegistrationLib.methods.base import read_checkpoint
     from DeepRegistrationLib.methods.ms_r2net import branches_from_r2net
 
     if not os.path.isfile(args.source):
         raise UserInputError(f"--from '{args.source}' does not exist")
-    state = torch.load(args.source, map_location="cpu", weights_only=False)
+    state = read_checkpoint(args.source)  # weights only: --from may name a file from anywhere
     if not isinstance(state, dict) or not str(state.get("method", "")).startswith("r2net"):
         raise UserInputError(f"'{args.source}' is not an r2net-svf / r2net-nsvf checkpoint")
     spec = get_method("ms-r2net")

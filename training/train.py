@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from DeepRegistrationLib import __version__, losses
 from DeepRegistrationLib.errors import UserInputError
 from DeepRegistrationLib.methods import get_method, save_checkpoint
-from DeepRegistrationLib.methods.base import MethodSpec
+from DeepRegistrationLib.methods.base import MethodSpec, read_checkpoint
 from DeepRegistrationLib.metrics import (dice, folding_percent, jacobian_determinant_map, ncc,
                                          sdlogj)
 from DeepRegistrationLib.spatial import warp
@@ -544,9 +544,7 @@ def _save_resume(path, network, optimiser, scheduler, step, best, history, elaps
 def _load_state(path: str, spec: MethodSpec) -> Dict:
     if not os.path.isfile(path):
         raise UserInputError(f"--resume file '{path}' does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise UserInputError(f"'{path}' is not a DeepRegistration checkpoint or resume state")
+    state = read_checkpoint(path)  # weights only: --resume may name a file from anywhere
     if state.get("method") != spec.name:
         raise UserInputError(f"'{path}' was trained for method '{state.get('method')}', "
                              f"not '{spec.name}'")

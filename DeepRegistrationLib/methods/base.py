@@ -150,6 +150,41 @@ def save_checkpoint(path: str, network: torch.nn.Module, method: str, config: Di
     return card
 
 
+def read_checkpoint(path: str) -> Dict:
+    """The dict a checkpoint (or a training resume state) holds, unpickled as weights only.
+
+    A ``.pt`` file is a pickle: torch's full unpickler runs whatever callable the file names, and
+    checkpoints come from anywhere ``$DEEPREG_CHECKPOINTS`` or ``--resume`` points. The sha256 of
+    the model card does not help (whoever supplies the file supplies its card). torch's
+    weights-only unpickler accepts tensors, numbers, strings and containers and refuses anything
+    else before calling it, which every file ``save_checkpoint`` and the trainer write satisfies.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        boilerplate = ("Weights only load failed", "Please file an issue",
+                       "Check the documentation")
+        lines = [line.strip() for line in str(error).splitlines()
+                 if line.strip() and not line.strip().startswith(boilerplate)]
+        named = [line for line in lines if "GLOBAL" in line]
+        if named:  # a class or function the file wants called: refused before it could run
+            raise UserInputError(f"checkpoint '{path}' holds Python code, not only weights, and "
+                                 f"was refused without running it ({named[0]}); use a checkpoint "
+                                 "from a source you trust, saved by 'python -m training train'") \
+                from None
+        raise UserInputError(f"cannot read checkpoint '{path}': not a PyTorch weights file "
+                             f"({lines[0] if lines else 'unpickling failed'})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        text = str(error).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+        raise UserInputError(f"cannot read checkpoint '{path}': {first}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserInputError(f"'{path}' is not a DeepRegistration checkpoint (no state_dict)")
+    return state
+
+
 _NETWORK_CACHE: Dict[Tuple[str, str], torch.nn.Module] = {}
 
 
@@ -168,7 +203,7 @@ def load_network(spec: MethodSpec, device="cpu", path: Optional[str] = None) -> 
     if card is not None and card.get("sha256") and card["sha256"] != sha256_of(path):
         raise UserInputError(f"checkpoint '{path}' does not match its model card (sha256 differs); "
                              "the file is damaged or was replaced")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     if state.get("method") != spec.name:
         raise UserInputError(f"checkpoint '{path}' was trained for method '{state.get('method')}', "
                              f"not '{spec.name}'")
