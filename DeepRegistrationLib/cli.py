@@ -90,6 +90,11 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--progress-json", action="store_true",
                          help="one JSON object per line on stdout (for the Slicer module)")
         sub.add_argument("--no-figure", action="store_true", help="do not draw qa.png")
+        sub.add_argument("--initial", default="auto",
+                         choices=["auto", "none", "moments", "rigid", "affine"],
+                         help="global alignment before the method: auto (default: affine when the "
+                              "images are not aligned already, else none), none, moments, rigid, "
+                              "affine")
         sub.add_argument("--variant", help="a method's variant (e.g. VTN's D, AD, ADDD); "
                                            "see 'deepreg methods'")
 
@@ -124,7 +129,8 @@ def _run_registration(args, reporter: Reporter, fixed, moving, fixed_labels, mov
                       similarity=args.similarity, regularization=args.regularization,
                       device=args.device, progress=lambda f, s, m="": reporter.progress(
                           0.9 * f, s, m), cancel=reporter.is_cancelled,
-                      options={"variant": args.variant} if args.variant else None)
+                      options={"variant": args.variant} if args.variant else None,
+                      initial=args.initial)
     result.notes.extend(notes or [])
     summary = write_outputs(result, args.output, fixed_labels, moving_labels,
                             figure=not args.no_figure, extra=extra,

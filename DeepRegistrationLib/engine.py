@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import SimpleITK as sitk
 import torch
 
+from .alignment import INITIAL_MODES, GlobalAlignment, compose_affine, global_alignment
 from .errors import UserInputError
 from .images import check_overlap, image_to_tensor, resample_to_reference
 from .methods import RegistrationInputs, get_method
@@ -36,6 +37,14 @@ class RegistrationResult:
     notes: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     moving_on_fixed: Optional[sitk.Image] = None  # moving through the identity, for "before"
+    # the global stage (matrix: LPS fixed point -> moving point) and the deformable part alone;
+    # ``displacement`` is their composition x -> T(x + deformable(x)), the one total field
+    alignment: Optional[GlobalAlignment] = None
+    deformable: Optional[torch.Tensor] = None  # (1, 3, D, H, W), voxels of the fixed grid
+
+    def deformable_part(self) -> torch.Tensor:
+        """The deformable field alone (the total field when there was no global stage)."""
+        return self.displacement if self.deformable is None else self.deformable
 
     def moving_in_fixed_frame(self) -> sitk.Image:
         """The moving image on the fixed grid before registration (computed once)."""
@@ -61,8 +70,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
              similarity: Optional[str] = None, regularization: Optional[float] = None,
              device: Optional[str] = "cpu", progress: Optional[ProgressCallback] = None,
              cancel: Optional[CancelCallback] = None,
-             options: Optional[Dict] = None) -> RegistrationResult:
+             options: Optional[Dict] = None, initial: str = "auto") -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (SimpleITK images, any grids that overlap physically).
+
+    ``initial`` is the global stage (``alignment.INITIAL_MODES``): ``auto`` aligns with an affine
+    transform when the images are not aligned already, ``none`` keeps the identity (the images
+    must then overlap physically). The method registers the globally aligned moving image and
+    the result's ``displacement`` composes both (``alignment.compose_affine``).
 
     ``refine`` adds that many instance-optimisation steps (split over two levels) starting from the
     method's field. ``progress(fraction, stage, message)`` is called along the way; ``cancel()``
@@ -80,25 +94,39 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
         raise UserInputError(f"method '{method}' has no variant '{variant}'; choose from {choices}")
     if refine < 0:
         raise UserInputError(f"--refine must be 0 or more, not {refine}")
+    if initial not in INITIAL_MODES:
+        raise UserInputError(f"unknown --initial '{initial}'; choose one of "
+                             f"{', '.join(INITIAL_MODES)}")
     torch_device = resolve_device(device)
     # per-stage seconds (summary.json's timings_seconds): the engine's stages here, finer ones
     # (each pyramid level, the final integration) recorded by the method through the scope
     timings: Dict[str, float] = {}
     scope = ProgressScope(progress, cancel=cancel, timings=timings)
-    check_overlap(fixed, moving)
+    if initial == "none":
+        check_overlap(fixed, moving)  # otherwise the global stage checks what overlaps
 
-    scope.report(0.0, "prepare", "resampling the moving image into the fixed frame")
+    global_end = 0.0 if initial == "none" else 0.15
+    alignment = global_alignment(fixed, moving, initial, similarity, scope.sub(0.0, global_end))
+    timings["global"] = alignment.seconds
+    if alignment.is_identity:
+        check_overlap(fixed, moving)
+    scope.report(global_end, "prepare", "resampling the moving image into the fixed frame")
     with scope.timed("resample moving to fixed grid"):
         moving_on_fixed = resample_to_reference(moving, fixed)
+        # the method's input: the moving image through the global transform (the outputs
+        # resample the original moving image once, through the total field)
+        moving_aligned = moving_on_fixed if alignment.is_identity else sitk.Resample(
+            moving, fixed, alignment.sitk_transform(), sitk.sitkLinear, 0.0, moving.GetPixelID())
     with scope.timed("normalise to tensors"):
         fixed_tensor = image_to_tensor(fixed, device=torch_device)
-        moving_tensor = image_to_tensor(moving_on_fixed, device=torch_device)
+        moving_tensor = image_to_tensor(moving_aligned, device=torch_device)
     spacing = tuple(float(s) for s in fixed.GetSpacing()[::-1])
     timings["prepare"] = time.perf_counter() - started
 
     method_end = 0.7 if refine else 1.0
     inputs = RegistrationInputs(fixed_tensor, moving_tensor, spacing, similarity, regularization,
-                                scope.sub(0.02, method_end), dict(options or {}))
+                                scope.sub(global_end + 0.02, method_end), dict(options or {}),
+                                geometry=fixed)
     tic = time.perf_counter()
     displacement = spec.run(inputs, spec)
     timings["method"] = time.perf_counter() - tic
@@ -109,8 +137,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
             fixed_tensor, moving_tensor, displacement.detach(), similarity, regularization,
             iterations=(first, max(refine - first, 1)), progress=scope.sub(method_end, 1.0))
         timings["refine"] = time.perf_counter() - tic
+    deformable = displacement.detach().cpu().float()
+    total = deformable if alignment.is_identity else compose_affine(alignment.matrix, deformable,
+                                                                    fixed)
     scope.report(1.0, "registered", f"{spec.name} finished")
-    return RegistrationResult(fixed, moving, displacement.detach().cpu().float(), spec.name,
+    return RegistrationResult(fixed, moving, total, spec.name,
                               similarity, int(refine), str(torch_device),
                               time.perf_counter() - started, timings=timings,
-                              moving_on_fixed=moving_on_fixed)
+                              moving_on_fixed=moving_on_fixed, alignment=alignment,
+                              deformable=deformable)

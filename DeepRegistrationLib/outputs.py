@@ -27,6 +27,10 @@ from .spatial import warp
 OUTPUT_FILES = {
     "warped": "warped.nii.gz",
     "displacement": "displacement.nii.gz",
+    # the composition's parts: displacement = CompositeTransform([affine, deformable]) in ITK's
+    # order (the last added is applied first: x -> affine(x + deformable(x)))
+    "affine": "affine.tfm",              # ITK AffineTransform, LPS, fixed point -> moving point
+    "deformable": "deformable.nii.gz",   # the deformable part alone, as displacement.nii.gz
     "jacobian": "jacobian.nii.gz",
     "grid": "grid.nii.gz",
     "warped_labels": "warped_labels.nii.gz",
@@ -163,6 +167,35 @@ def summarise(result: RegistrationResult, warped: sitk.Image, determinant: np.nd
     return summary
 
 
+def global_transform(result: RegistrationResult) -> sitk.AffineTransform:
+    """The global stage as an ITK ``AffineTransform`` (the identity when there was none)."""
+    from .alignment import affine_transform_from_matrix
+    matrix = result.alignment.matrix if result.alignment is not None else np.eye(4)
+    return affine_transform_from_matrix(matrix)
+
+
+def composition_summary(result: RegistrationResult, determinant: Optional[np.ndarray] = None,
+                        strict_determinant: Optional[np.ndarray] = None) -> Dict:
+    """``initial`` (what the global stage did) and ``deformable_part`` (the Jacobian figures of
+    the deformable field alone: the local deformation, without the global scaling). The
+    determinants of the total field are reused when there was no global stage (same field)."""
+    from .metrics import strict_jacobian_determinant_map
+    same = result.deformable is None or result.alignment is None or result.alignment.is_identity
+    field = result.deformable_part()
+    if not same or determinant is None:
+        determinant = jacobian_determinant_map(field)
+    if not same or strict_determinant is None:
+        strict_determinant = strict_jacobian_determinant_map(field)
+    initial = result.alignment.summary() if result.alignment is not None else {
+        "requested": "none", "used": "none", "reason": "no global stage",
+        "matrix_lps": np.eye(4).tolist(), "seconds": 0.0}
+    return {"initial": initial,
+            "deformable_part": {"folding_percent": folding_percent(determinant),
+                                "folding_percent_strict": folding_percent(strict_determinant),
+                                "jacobian_min": float(determinant.min()),
+                                "sdlogj": sdlogj(determinant)}}
+
+
 # ---------------------------------------------------------------------------------- the folder
 def check_output_folder(folder: str, overwrite: bool = False) -> str:
     """Refuse a file, or a folder that already holds files unless ``overwrite`` is set; called
@@ -207,6 +240,9 @@ def write_outputs(result: RegistrationResult, folder: str,
     save("warped", warped)
     report(0.3, "writing the displacement field")
     save("displacement", displacement_field_image(result.displacement, result.fixed, vectors))
+    paths["affine"] = os.path.join(folder, OUTPUT_FILES["affine"])
+    sitk.WriteTransform(global_transform(result), paths["affine"])
+    save("deformable", displacement_field_image(result.deformable_part(), result.fixed))
     determinant = jacobian_determinant_map(result.displacement)
     save("jacobian", image_from_array(determinant.astype(np.float32), result.fixed))
     grid = warped_grid(result.displacement)
@@ -220,6 +256,7 @@ def write_outputs(result: RegistrationResult, folder: str,
     report(0.6, "computing metrics")
     summary = summarise(result, warped, determinant, fixed_labels, moving_labels, warped_labels,
                         vectors)
+    summary.update(composition_summary(result, determinant))
     summary.update(extra or {})
     if figure:
         report(0.75, "drawing the QA figure")

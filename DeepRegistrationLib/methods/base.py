@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,6 +31,9 @@ class RegistrationInputs:
     regularization: Optional[float] = None
     progress: ProgressScope = field(default_factory=ProgressScope)
     options: Dict = field(default_factory=dict)
+    # the fixed image (SimpleITK; its geometry only): with it a network sees the pair in the
+    # canonical orientation and framing (canonical.py); without it, on the fixed grid as stored
+    geometry: Optional[Any] = None
 
 
 @dataclass
@@ -239,16 +242,30 @@ def run_network(inputs: RegistrationInputs, spec: MethodSpec, network=None,
                 label: Optional[str] = None) -> torch.Tensor:
     """Forward the method's network on the working grid and bring the field back to the fixed grid.
 
-    The pair is resampled to ``working_spacing_mm`` (corners aligned), passed through the network
-    by :func:`forward_padded` (the network returns a displacement in working-grid voxels), and the
-    field is resized to the fixed grid with its vectors rescaled. ``network`` (a module or any
-    ``f(fixed, moving)``) defaults to the spec's loaded checkpoint; ``label`` names it in the
-    progress messages.
+    With ``inputs.geometry`` (the engine always gives it) the pair is resampled onto the
+    canonical canvas (``canonical.canonical_frame``: ``DICOMOrient`` "LPS" orientation,
+    ``working_spacing_mm``, the union of the foregrounds plus a margin, sides a multiple of
+    ``size_multiple``), the network returns a displacement in canvas voxels, and
+    ``CanonicalFrame.field_to_fixed`` maps it back exactly to the fixed grid. Without it the pair
+    is resized on its own grid (corners aligned), padded by :func:`forward_padded`, and the field
+    resized back. ``network`` (a module or any ``f(fixed, moving)``) defaults to the spec's
+    loaded checkpoint; ``label`` names it in the progress messages.
     """
     if network is None:
         network = load_network(spec, inputs.fixed.device)
     label = label or spec.name
     shape = tuple(inputs.fixed.shape[2:])
+    if inputs.geometry is not None:
+        from ..canonical import canonical_frame
+        frame = canonical_frame(inputs.fixed, inputs.moving, inputs.geometry,
+                                spec.working_spacing_mm, spec.size_multiple)
+        inputs.progress.report(0.1, f"{label}: network on a canonical "
+                                    f"{'x'.join(map(str, frame.shape))} canvas")
+        with torch.inference_mode():
+            displacement = forward_padded(network, frame.to_canvas(inputs.fixed),
+                                          frame.to_canvas(inputs.moving), spec.size_multiple)
+        inputs.progress.report(1.0, f"{spec.name}: network done")
+        return frame.field_to_fixed(displacement.clone())
     work = working_shape(shape, inputs.spacing, spec.working_spacing_mm) \
         if spec.working_spacing_mm else shape
     inputs.progress.report(0.1, f"{label}: network on a {'x'.join(map(str, work))} grid")
