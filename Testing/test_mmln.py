@@ -237,6 +237,39 @@ def test_frozen_levels_get_no_gradient_until_the_unfreeze_step():
     assert grads_at(310) == (3, [True, True, True])
 
 
+def test_a_coarse_curriculum_stage_trains_the_level_of_its_grid():
+    """A trainer stage at 8 mm (4 mm) trains level 1 (2) on the batch's grid as it is; the
+    working grid (2 mm) follows the phase schedule; the levels below are frozen at first."""
+    network = perturbed(mmln.build_network({"variant": "L"}), seed=7)
+    spec = get_method("mmln")
+    seen = {index: [] for index in range(3)}
+    for index, level in enumerate(network.levels):
+        level.register_forward_hook(
+            lambda module, args, out, index=index: seen[index].append(tuple(args[0].shape)))
+    fixed, moving = pair(seed=8)
+    iterations = 120  # the freeze lasts round(120 / 60) = 2 steps
+
+    def run(step, spacing):
+        for calls in seen.values():
+            calls.clear()
+        _, terms = mmln.training_loss(network, fixed, moving,
+                                      {"step": step, "iterations": iterations, "training": True,
+                                       "spec": spec, "spacing_mm": spacing})
+        shapes = [calls[0][2:] if calls else None for calls in seen.values()]
+        return int(terms["level"]), bool(terms["frozen"]), shapes
+
+    half = tuple(n // 2 for n in SHAPE)
+    quarter = tuple(n // 4 for n in SHAPE)
+    assert run(0, 8.0) == (1, False, [SHAPE, None, None])
+    assert run(40, 4.0) == (2, True, [half, SHAPE, None])
+    assert run(42, 4.0) == (2, False, [half, SHAPE, None])
+    assert run(59, 4.0) == (2, False, [half, SHAPE, None])
+    assert run(60, 2.0) == (3, True, [quarter, half, SHAPE])   # the working grid starts
+    assert run(62, 2.0) == (3, False, [quarter, half, SHAPE])
+    with pytest.raises(UserInputError, match="8, 4, 2 mm"):
+        run(70, 6.0)
+
+
 def test_fresh_network_is_the_identity():
     fixed, moving = pair(seed=9)
     for variant in ("L", "LCD"):

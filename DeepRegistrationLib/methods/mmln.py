@@ -52,6 +52,7 @@ runs the 3-D pyramid only: ``forward`` never touches a branch.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -166,10 +167,12 @@ class LevelNetwork(nn.Module):
 
 # ----------------------------------------------------------------------------- geometry helpers
 def level_shapes(shape: Sequence[int], levels: int = LEVELS) -> List[Tuple[int, ...]]:
-    """Grids of the pyramid, coarse to fine: ``shape / 2^(levels - i)`` (sides divide by 8)."""
+    """Grids of levels ``1..levels``, coarse to fine, when ``shape`` is the grid of level
+    ``levels``: halved per level down (sides must divide by ``2^levels``)."""
     factor = 2 ** levels
     if any(int(n) % factor for n in shape):
-        raise ValueError(f"MMLN needs grid sides that divide by {factor}, got {tuple(shape)}")
+        raise ValueError(f"{levels} MMLN levels need grid sides that divide by {factor}, got "
+                         f"{tuple(shape)}")
     return [tuple(int(n) // 2 ** (levels - 1 - i) for n in shape) for i in range(levels)]
 
 
@@ -264,17 +267,21 @@ class MMLN(nn.Module):
         self.core_level = copy.deepcopy(self.levels[-1]) \
             if "C" in variant and coupling == "uncoupled" else None
         self.size_multiple = 2 ** LEVELS
+        # training state (not saved): first step of each coarse curriculum stage's level, and
+        # the step after the last coarse one ("working_grid")
+        self.level_started: Dict = {}
 
     # -- the 3-D pyramid (all that inference runs) ---------------------------------------------
     def pyramid(self, fixed: torch.Tensor, moving: torch.Tensor,
                 levels: int = LEVELS) -> List[Dict[str, torch.Tensor]]:
-        """The first ``levels`` levels. Each entry: ``fixed``, ``moving`` (the pair on the level's
-        grid), ``inputs`` and ``embedding`` (what the level network saw), ``base``
+        """Levels ``1..levels`` for a pair on the grid of level ``levels`` (the working grid for
+        the full pyramid; level 1's grid for level 1 alone). Each entry: ``fixed``, ``moving``
+        (the pair on the level's grid), ``inputs`` and ``embedding`` (what the level network saw), ``base``
         (``up(v_{i-1})``, 0 at level 1), ``increment`` (``delta_i``), ``velocity`` (``v_i``),
         ``displacement`` (``phi_i = exp(v_i)``) and ``features`` (the embedding for the next
         level)."""
         entries: List[Dict[str, torch.Tensor]] = []
-        for index, grid in enumerate(level_shapes(fixed.shape[2:])[:levels]):
+        for index, grid in enumerate(level_shapes(fixed.shape[2:], levels)):
             fixed_i, moving_i = resize_image(fixed, grid), resize_image(moving, grid)
             if not entries:
                 inputs, embedding, base = torch.cat([moving_i, fixed_i], dim=1), None, None
@@ -345,28 +352,39 @@ def build_network(config: Dict) -> MMLN:
 
 # ------------------------------------------------------------------------------------ training
 def training_phase(step: int, iterations: int, phases: Sequence[float],
-                   freeze_fraction: float) -> Tuple[int, bool]:
+                   freeze_fraction: float, not_before: int = 0) -> Tuple[int, bool]:
     """``(level, frozen)`` at ``step`` of a run of ``iterations``: the level whose loss is
     trained (phase boundaries at the cumulative ``phases``) and whether the levels below it are
-    still frozen (the first ``freeze_fraction * iterations`` steps of phases 2 and 3)."""
+    still frozen -- the first ``freeze_fraction * iterations`` steps of phases 2 and 3, counted
+    from the phase boundary or from ``not_before`` (the first working-grid step after a coarse
+    curriculum stage), whichever is later."""
     boundaries = [round(sum(phases[:i + 1]) * iterations) for i in range(len(phases))]
     level = next((i + 1 for i, end in enumerate(boundaries) if step < end), len(phases))
-    start = boundaries[level - 2] if level > 1 else 0
+    start = max(boundaries[level - 2] if level > 1 else 0, not_before)
     frozen = level > 1 and step < start + max(int(round(freeze_fraction * iterations)), 0)
     return level, frozen
 
 
 def level_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
-               level: int = LEVELS) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """The loss of pyramid level ``level`` with the branch terms the variant has.
+               level: int = LEVELS, input_level: int = LEVELS
+               ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The loss of pyramid level ``level`` with the branch terms the variant has, for a pair on
+    the grid of level ``input_level`` (the working grid by default; resampled to level
+    ``level``'s grid when finer -- LapIRN's level models see the full-resolution pair
+    downsampled).
 
     ``1 - CorrCoef(F_p, M_p o phi_p) + k / 2^(L-p) TV(v_p)`` (``TV``: the mean squared forward
     difference summed over the axes, ``losses.total_variation_loss``), ``+ alpha`` (level 1) or
     ``beta`` (level 2) ``* (1 - CorrCoef(F_p, M_p o phi'_p))`` of the 2-D branch, ``+ theta``
     (level 3) ``* (1 - CorrCoef(F_core, M o phi_core))`` of the core branch.
     """
-    entries = network.pyramid(fixed, moving, level)
-    entry = entries[-1]
+    if not 1 <= level <= input_level <= LEVELS:
+        raise ValueError(f"level {level} cannot be trained on the grid of level {input_level}")
+    if input_level > level:
+        factor = 2 ** (input_level - level)
+        grid = tuple(int(n) // factor for n in fixed.shape[2:])
+        fixed, moving = resize_image(fixed, grid), resize_image(moving, grid)
+    entry = network.pyramid(fixed, moving, level)[-1]
     similarity = correlation_coefficient_loss(entry["fixed"],
                                               warp(entry["moving"], entry["displacement"]))
     smoothness = total_variation_loss(entry["velocity"])
@@ -388,26 +406,56 @@ def level_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     return total, terms
 
 
+def grid_level(spacing_mm: float, working_spacing_mm: float) -> int:
+    """The pyramid level whose grid a batch at ``spacing_mm`` is on (level 3 = the working grid,
+    level 1 = four times coarser); a user error for any other spacing."""
+    ratio = math.log2(float(spacing_mm) / float(working_spacing_mm))
+    level = LEVELS - int(round(ratio))
+    if abs(ratio - round(ratio)) > 1e-6 or not 1 <= level <= LEVELS:
+        grids = ", ".join(f"{working_spacing_mm * 2 ** k:g}" for k in reversed(range(LEVELS)))
+        raise UserInputError(f"MMLN trains its levels on {grids} mm grids (working grid "
+                             f"{working_spacing_mm:g} mm); a training stage at {spacing_mm:g} mm "
+                             "fits none of them")
+    return level
+
+
 def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """The trainer's ``loss_fn`` hook: LapIRN's progressive schedule over the run.
+    """The trainer's ``loss_fn`` hook: LapIRN's progressive, level-by-level training.
 
-    From ``batch["step"]`` and ``batch["iterations"]`` (:func:`training_phase`): the loss of the
-    current level; the levels below it have ``requires_grad`` off during the first steps of the
-    phase and on afterwards (Adam skips parameters without a gradient); the levels above it are
-    not run. Validation (``batch["training"]`` false) scores the full pyramid's level-3 loss.
-    Second-contrast synthetic pairs are trained in the fixed contrast (``same_contrast``):
-    1 - CorrCoef is a same-contrast similarity.
+    Which level: a batch on a grid coarser than the working grid (``batch["spacing_mm"]``, a
+    trainer's coarse curriculum stage) trains the level of that grid on it directly -- 8 mm
+    trains level 1, 4 mm level 2 (for the 2 mm working grid); on the working grid the phase
+    schedule over the run decides (:func:`training_phase`, ``config["phases"]``), the pair
+    resampled to the level's grid. The levels below it have ``requires_grad`` off during the
+    first ``freeze_fraction`` of the run's steps after the level started (Adam skips parameters
+    without a gradient) and on afterwards; the levels above it are not run. Validation
+    (``batch["training"]`` false) scores the full pyramid's level-3 loss. Second-contrast
+    synthetic pairs are trained in the fixed contrast (``same_contrast``): 1 - CorrCoef is a
+    same-contrast similarity.
     """
     batch = batch or {}
     moving = same_contrast(fixed, moving, batch)
     if not batch.get("training", False) or batch.get("iterations", 0) < 1:
         return level_loss(network, fixed, moving, LEVELS)
-    level, frozen = training_phase(int(batch["step"]), int(batch["iterations"]),
-                                   network.phases, network.freeze_fraction)
+    step, iterations = int(batch["step"]), int(batch["iterations"])
+    spec = batch.get("spec")
+    working = getattr(spec, "working_spacing_mm", None)
+    input_level = grid_level(batch["spacing_mm"], working) \
+        if batch.get("spacing_mm") and working else LEVELS
+    if input_level < LEVELS:
+        # a coarse stage: its level, frozen below for the first steps since this level started
+        level = input_level
+        started = network.level_started.setdefault(level, step)
+        frozen = level > 1 and step < started + int(round(network.freeze_fraction * iterations))
+        network.level_started["working_grid"] = step + 1
+    else:
+        level, frozen = training_phase(step, iterations, network.phases,
+                                       network.freeze_fraction,
+                                       network.level_started.get("working_grid", 0))
     for index, module in enumerate(network.levels):
         module.requires_grad_(index + 1 == level or (index + 1 < level and not frozen))
-    total, terms = level_loss(network, fixed, moving, level)
+    total, terms = level_loss(network, fixed, moving, level, input_level)
     terms.update(level=float(level), frozen=float(frozen))
     return total, terms
 
