@@ -68,9 +68,17 @@ class Reporter:
         return self.cancelled
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (exit 2) like every other user
+    error, not the usage block; ``--help`` still prints the usage."""
+
+    def error(self, message):
+        self.exit(EXIT_USER, f"deepreg: error: {message} (see '{self.prog} --help')\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepreg", description="Deep-learning and "
-                                     "instance-optimisation deformable image registration.")
+    parser = _Parser(prog="deepreg", description="Deep-learning and "
+                     "instance-optimisation deformable image registration.")
     parser.add_argument("--version", action="version", version=f"deepreg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -78,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     def common(sub):
         sub.add_argument("--refine", type=int, default=0, metavar="N",
                          help="instance-optimisation steps after the method (default 0)")
-        sub.add_argument("--similarity", choices=["lncc", "mind", "ncc", "mse", "ngf", "mi"],
+        sub.add_argument("--similarity", metavar="NAME",
                          help="similarity: lncc (same modality, default), mind (multi-modal), "
                               "ncc, mse, ngf, mi (mutual information, multi-modal)")
         sub.add_argument("--regularization", type=float, metavar="W",
@@ -103,8 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
     register.add_argument("moving", metavar="MOVING", help="moving image, resampled onto FIXED")
     register.add_argument("--method", default="io", help="method name (see 'deepreg methods')")
     register.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
-    register.add_argument("--fixed-labels", metavar="F", help="label map on the fixed grid")
-    register.add_argument("--moving-labels", metavar="F", help="label map on the moving grid")
+    register.add_argument("--fixed-labels", metavar="F", help="label map on the fixed grid (needs "
+                          "--moving-labels: Dice before/after)")
+    register.add_argument("--moving-labels", metavar="F", help="label map on the moving grid, "
+                          "carried onto the fixed grid (warped_labels.nii.gz)")
     common(register)
 
     methods = commands.add_parser("methods", help="list the methods and their checkpoints")
@@ -121,7 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_registration(args, reporter: Reporter, fixed, moving, fixed_labels, moving_labels,
-                      extra=None, notes: Optional[List[str]] = None):
+                      extra=None, notes: Optional[List[str]] = None, inputs=None):
     from .engine import register
     from .outputs import write_outputs
 
@@ -133,7 +143,8 @@ def _run_registration(args, reporter: Reporter, fixed, moving, fixed_labels, mov
                       initial=args.initial)
     result.notes.extend(notes or [])
     summary = write_outputs(result, args.output, fixed_labels, moving_labels,
-                            figure=not args.no_figure, extra=extra,
+                            figure=not args.no_figure, extra=extra, overwrite=args.overwrite,
+                            inputs=inputs,
                             progress=lambda f, s, m="": reporter.progress(0.9 + 0.1 * f, s, m))
     reporter.end_bar()
     return summary
@@ -149,63 +160,172 @@ def _describe(summary) -> str:
     return text
 
 
-def command_register(args, reporter: Reporter) -> dict:
-    from .images import load_image, load_labels
-    from .methods import get_method
-    from .outputs import check_output_folder, prepare_output_folder
+def _validate_request(args) -> None:
+    """Check everything the request itself says before reading or creating anything, so a
+    refused request costs no waiting and leaves no folder behind."""
+    import math
 
-    get_method(args.method)  # unknown names fail before any file is read
+    from .engine import resolve_device
+    from .losses import SIMILARITIES
+    from .methods import get_method
+    from .outputs import check_output_folder
+
+    spec = get_method(args.method)
+    if args.similarity is not None:
+        if args.similarity not in SIMILARITIES:
+            raise UserInputError(f"unknown similarity '{args.similarity}'; choose one of "
+                                 f"{', '.join(SIMILARITIES)}")
+        if args.similarity not in spec.similarities:
+            raise UserInputError(f"method '{spec.name}' does not support similarity "
+                                 f"'{args.similarity}'; choose one of "
+                                 f"{', '.join(spec.similarities)}")
+    if args.variant is not None and args.variant not in spec.variants:
+        choices = ", ".join(spec.variants) if spec.variants else "none (it has no variants)"
+        raise UserInputError(f"method '{spec.name}' has no variant '{args.variant}'; choose from "
+                             f"{choices}")
+    if args.refine < 0:
+        raise UserInputError(f"--refine must be 0 or more, not {args.refine}")
+    if args.regularization is not None and not (math.isfinite(args.regularization)
+                                                and args.regularization >= 0):
+        raise UserInputError(f"--regularization must be a number >= 0, not {args.regularization}")
+    if getattr(args, "spacing", None) is not None and not (math.isfinite(args.spacing)
+                                                           and 0 < args.spacing <= 10):
+        raise UserInputError(f"--spacing must be between 0 and 10 mm, not {args.spacing}")
+    if getattr(args, "fixed_labels", None) and not getattr(args, "moving_labels", None):
+        raise UserInputError("--fixed-labels needs --moving-labels too: Dice compares the fixed "
+                             "labels with the moving labels carried through the registration "
+                             "(--moving-labels alone is fine: they are carried onto the fixed "
+                             "grid)")
+    resolve_device(args.device)
     check_output_folder(args.output, args.overwrite)
+
+
+def _labels_note(fixed_labels, moving_labels) -> List[str]:
+    if moving_labels is not None and fixed_labels is None:
+        return ["moving labels carried onto the fixed grid (warped_labels.nii.gz); no Dice "
+                "without --fixed-labels"]
+    return []
+
+
+def command_register(args, reporter: Reporter) -> dict:
+    from .images import check_overlap, load_image, load_labels
+
+    _validate_request(args)
     fixed, fixed_notes = load_image(args.fixed, "fixed image")
     moving, moving_notes = load_image(args.moving, "moving image")
     fixed_labels = load_labels(args.fixed_labels, fixed, "fixed labels") \
         if args.fixed_labels else None
     moving_labels = load_labels(args.moving_labels, moving, "moving labels") \
         if args.moving_labels else None
-    for note in fixed_notes + moving_notes:
+    if args.initial == "none":  # otherwise the global stage decides what overlaps
+        check_overlap(fixed, moving)
+    notes = fixed_notes + moving_notes + _labels_note(fixed_labels, moving_labels)
+    for note in notes:
         reporter.log(note)
-    prepare_output_folder(args.output, args.overwrite)
     summary = _run_registration(args, reporter, fixed, moving, fixed_labels, moving_labels,
                                 extra={"fixed": os.path.abspath(args.fixed),
                                        "moving": os.path.abspath(args.moving)},
-                                notes=fixed_notes + moving_notes)
+                                notes=notes)
     return summary
 
 
 def command_demo(args, reporter: Reporter) -> dict:
-    from .images import write_image
-    from .outputs import check_output_folder, prepare_output_folder
     from .sample_data import demo_pair
 
-    check_output_folder(args.output, args.overwrite)
+    _validate_request(args)
     reporter.progress(0.0, "demo data", "deforming the MNI152 template (nilearn)")
     fixed, moving, fixed_labels, moving_labels = demo_pair(args.spacing, seed=args.seed)
-    folder = prepare_output_folder(args.output, args.overwrite)
+    folder = os.path.abspath(args.output)
     inputs = {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels,
               "moving_labels": moving_labels}
-    for name, image in inputs.items():  # so the pair can be opened in Slicer beside the results
-        write_image(image, os.path.join(folder, f"input_{name}.nii.gz"))
+    # saved beside the results (so the pair can be opened in Slicer), in the same swap
     summary = _run_registration(args, reporter, fixed, moving, fixed_labels, moving_labels,
                                 extra={"fixed": os.path.join(folder, "input_fixed.nii.gz"),
                                        "moving": os.path.join(folder, "input_moving.nii.gz"),
-                                       "demo": {"spacing_mm": args.spacing, "seed": args.seed}})
+                                       "demo": {"spacing_mm": args.spacing, "seed": args.seed}},
+                                inputs={f"input_{name}.nii.gz": image
+                                        for name, image in inputs.items()})
     return summary
+
+
+def _card_lines(item: dict) -> List[str]:
+    """The model card essentials of one ``describe()`` entry, as lines of text."""
+    from .methods.base import model_card_path, sha256_of
+
+    path = item["checkpoint"]
+    if not item.get("needs_checkpoint", True) and not path:
+        return ["checkpoint: none needed (optimised for each image pair, no training)"]
+    if not path:
+        return ["checkpoint: none found (train one with 'python -m training train --method "
+                f"{item['name']}', or point DEEPREG_CHECKPOINTS at a folder holding one)"]
+    card = item.get("model_card")
+    if not card:
+        return [f"checkpoint: {path}", f"model card: missing ({model_card_path(path)})"]
+    lines = [f"checkpoint: {path}"]
+    sha = str(card.get("sha256", ""))
+    if sha:
+        state = "matches the file" if sha == sha256_of(path) else \
+            "DOES NOT match the file: damaged or replaced"
+        lines.append(f"sha256: {sha[:12]}... ({state})"
+                     + (f", created {card['created']}" if card.get("created") else ""))
+    data = card.get("data") or {}
+    sources = [f"{s.get('name')} ({s.get('modality', '?')}, {s.get('origin', '?')})"
+               for s in data.get("sources") or [] if isinstance(s, dict)]
+    if sources:
+        spacing = f" at {data['spacing_mm']:g} mm" if isinstance(data.get("spacing_mm"),
+                                                                  (int, float)) else ""
+        lines.append(f"trained on: {'; '.join(sources)}{spacing}, synthetic deformations")
+    training = card.get("training") or {}
+    steps = training.get("run_iterations", training.get("iterations"))
+    seconds = training.get("wall_time_seconds")
+    if steps is not None or seconds is not None:
+        text = f"training: {steps} steps" if steps is not None else "training:"
+        if isinstance(seconds, (int, float)):
+            text += f", {seconds / 60:.1f} min wall time"
+        if training.get("device"):
+            text += f" on {training['device']}"
+            if training.get("threads"):
+                text += f" ({training['threads']} thread{'s' if training['threads'] != 1 else ''})"
+        lines.append(text)
+    command = str(card.get("command", "")).split()
+    if "--resume" in command[:-1]:  # the steps above continue an earlier run
+        lines.append(f"continued from: {command[command.index('--resume') + 1]} (its steps "
+                     "are not counted above)")
+    validation = card.get("validation") or {}
+    before, after = validation.get("identity") or {}, validation.get("metrics") or {}
+    figures = []
+    for key, label, unit in (("dice", "Dice", ""), ("gt_error_mm", "GT error", " mm"),
+                             ("folding_percent", "folding", " %"), ("sdlogj", "SDlogJ", "")):
+        if isinstance(after.get(key), (int, float)):
+            shown = f"{label} {after[key]:.3f}{unit}"
+            if isinstance(before.get(key), (int, float)):
+                shown = f"{label} {before[key]:.3f} -> {after[key]:.3f}{unit}"
+            figures.append(shown)
+    if figures:
+        where = f"{validation.get('cases', '?')} synthetic cases"
+        if validation.get("step") is not None:
+            where += f", step {validation['step']}"
+        lines.append(f"validation ({where}; before -> after): {', '.join(figures)}")
+    return lines
 
 
 def command_methods(args) -> None:
     from .methods import list_methods
 
-    described = [spec.describe() for spec in list_methods()]
+    described = [dict(spec.describe(), needs_checkpoint=spec.needs_checkpoint)
+                 for spec in list_methods()]
     if args.json:
-        print(json.dumps(described, indent=2))
+        print(json.dumps([{k: v for k, v in item.items() if k != "needs_checkpoint"}
+                          for item in described], indent=2))
         return
     for item in described:
         state = "ready" if item["available"] else "no checkpoint (train it first)"
         print(f"{item['name']:<12} {item['title']}  [{state}]")
         print(f"{'':<12} {item['description']}")
         print(f"{'':<12} paper: {item['paper']}")
-        if item["checkpoint"]:
-            print(f"{'':<12} checkpoint: {item['checkpoint']}")
+        for line in _card_lines(item):
+            print(f"{'':<12} {line}")
+        print()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

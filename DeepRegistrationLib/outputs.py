@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import uuid
 from typing import Dict, Optional
 
 import numpy as np
@@ -197,31 +200,139 @@ def composition_summary(result: RegistrationResult, determinant: Optional[np.nda
 
 
 # ---------------------------------------------------------------------------------- the folder
+# A run writes into a fresh folder beside the target and swaps it in only when every file is
+# written: a failed or cancelled run leaves an earlier result as it was, and a successful
+# --overwrite leaves only its own files (no stale qa.png or warped_labels.nii.gz from before).
+# Nothing is created before that, so a refused request leaves no empty folder behind.
+
 def check_output_folder(folder: str, overwrite: bool = False) -> str:
-    """Refuse a file, or a folder that already holds files unless ``overwrite`` is set; called
-    before any work so a user does not wait for a run that cannot be written."""
+    """Refuse, before any work, an output the run could not write: a file, a folder that holds
+    files (unless ``overwrite``), a folder holding anything an earlier run did not write (even
+    with ``overwrite``: those are the user's files), or a place the user cannot write to.
+    Creates nothing; returns the absolute path."""
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder):
         if not os.path.isdir(folder):
             raise UserInputError(f"output '{folder}' exists and is a file; give a folder")
-        if os.listdir(folder) and not overwrite:
+        entries = sorted(os.listdir(folder))
+        if entries and not overwrite:
             raise UserInputError(f"output folder '{folder}' already exists and is not empty; "
                                  "choose another folder or pass --overwrite")
+        foreign = [name for name in entries if name not in _earlier_result_files(folder)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UserInputError(f"output folder '{folder}' holds {shown}, which no earlier "
+                                 "deepreg run wrote; --overwrite replaces only an earlier "
+                                 "result, so move those files or choose another folder")
+    parent = os.path.dirname(os.path.realpath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write the output folder '{folder}': no write permission "
+                             f"in '{parent}'")
     return folder
+
+
+def _earlier_result_files(folder: str) -> set:
+    """The names an earlier run wrote into ``folder``: what its summary.json lists (the demo's
+    input files too, which older summaries did not list)."""
+    try:
+        with open(os.path.join(folder, OUTPUT_FILES["summary"])) as handle:
+            summary = json.load(handle)
+        names = {str(name) for name in summary["outputs"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # no readable summary: not a result folder
+    names.add(OUTPUT_FILES["summary"])
+    if "demo" in summary:
+        names.update(f"input_{role}.nii.gz" for role in ("fixed", "moving", "fixed_labels",
+                                                         "moving_labels"))
+    return names
 
 
 def prepare_output_folder(folder: str, overwrite: bool = False) -> str:
-    """Check ``folder`` (see :func:`check_output_folder`) and create it."""
+    """Check ``folder`` (see :func:`check_output_folder`) and create the empty staging folder
+    beside it that a run writes into; :func:`write_outputs` swaps it in. Returns its path."""
     folder = check_output_folder(folder, overwrite)
-    os.makedirs(folder, exist_ok=True)
-    return folder
+    target = os.path.realpath(folder)  # a symlinked output: stage beside the folder it names
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}"
+                                                    f".deepreg-partial-{uuid.uuid4().hex[:8]}")
+    os.mkdir(staging)
+    return staging
 
 
-def write_outputs(result: RegistrationResult, folder: str,
-                  fixed_labels: Optional[sitk.Image] = None,
-                  moving_labels: Optional[sitk.Image] = None, figure: bool = True,
-                  extra: Optional[Dict] = None, progress=None) -> Dict:
-    """Write every output file into ``folder`` (which :func:`prepare_output_folder` checked) and
+def _swap_in(staging: str, folder: str, overwrite: bool) -> None:
+    """Put the finished ``staging`` folder where ``folder`` is; an earlier result is removed
+    only once the new one is in place."""
+    check_output_folder(folder, overwrite)  # again: files may have appeared while the run worked
+    target = os.path.realpath(folder)
+    if not os.path.isdir(target):
+        os.rename(staging, target)
+        return
+    os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+    previous = staging.replace(".deepreg-partial-", ".deepreg-previous-")
+    os.rename(target, previous)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(previous, target)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _list_every_file(summary: Dict, folder: str) -> None:
+    """Name every file of ``folder`` under ``summary["outputs"]`` (rewriting summary.json when
+    files were added beside the writer's own), so a later --overwrite knows they are ours."""
+    outputs = summary.setdefault("outputs", {})
+    unlisted = sorted(set(os.listdir(folder)) - set(outputs.values()))
+    if not unlisted:
+        return
+    for name in unlisted:
+        key = name.split(".")[0]
+        outputs[name if key in outputs else key] = name
+    with open(os.path.join(folder, OUTPUT_FILES["summary"]), "w") as handle:
+        json.dump(summary, handle, indent=2)
+
+
+def write_outputs(result: RegistrationResult, folder: str, *args, overwrite: bool = False,
+                  inputs: Optional[Dict[str, sitk.Image]] = None, **kwargs) -> Dict:
+    """Write every output file into ``folder`` and return the summary (file names under
+    ``summary["outputs"]``); ``inputs`` (file name -> image) are saved beside them (the demo's
+    pair). Other arguments: see :func:`_write_output_files`.
+
+    Everything is written into a staging folder beside ``folder`` which replaces ``folder`` only
+    when all files are written. If anything fails (or the run is interrupted) the staging folder
+    is removed and ``folder`` is as it was; ``overwrite`` as in :func:`check_output_folder`.
+    """
+    folder = check_output_folder(folder, overwrite)
+    created = []  # folders above the output that this call creates, removed again on failure
+    parent = os.path.dirname(os.path.realpath(folder))
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    staging = prepare_output_folder(folder, overwrite)
+    try:
+        for name, image in (inputs or {}).items():
+            write_image(image, os.path.join(staging, name))
+        summary = _write_output_files(result, staging, *args, **kwargs)
+        _list_every_file(summary, staging)
+        _swap_in(staging, folder, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for path in created:  # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+        raise
+    return summary
+
+
+def _write_output_files(result: RegistrationResult, folder: str,
+                        fixed_labels: Optional[sitk.Image] = None,
+                        moving_labels: Optional[sitk.Image] = None, figure: bool = True,
+                        extra: Optional[Dict] = None, progress=None) -> Dict:
+    """Write every output file into ``folder`` (the staging folder of :func:`write_outputs`) and
     return the summary. Returns paths under ``summary["outputs"]``."""
     def report(fraction, message):
         if progress is not None:
@@ -267,5 +378,5 @@ def write_outputs(result: RegistrationResult, folder: str,
     summary["outputs"] = {name: os.path.basename(path) for name, path in paths.items()}
     with open(paths["summary"], "w") as handle:
         json.dump(summary, handle, indent=2)
-    report(1.0, f"outputs written to {folder}")
+    report(1.0, "outputs written")
     return summary

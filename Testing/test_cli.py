@@ -64,9 +64,14 @@ def test_register_end_to_end_with_progress_json(files, tmp_path):
     assert summary["similarity_after"] > summary["similarity_before"]
     assert summary["folding_percent"] == 0.0 and summary["jacobian_min"] > 0
     assert set(summary["dice"]) == {"1", "2"}
-    k, j, i = summary["worst_folding"]["index_kji"]
+    k, j, i = summary["worst_folding"]["index_kji"]  # where the strict (one-sided) det is least
     jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
-    assert jacobian[k, j, i] == pytest.approx(jacobian.min())
+    assert jacobian[k, j, i] == pytest.approx(summary["worst_folding"]["determinant_central"],
+                                              rel=1e-5)
+    assert summary["worst_folding"]["determinant"] == summary["jacobian_min_strict"]
+    assert summary["jacobian_min_strict"] <= jacobian.min() + 1e-5  # strict <= central everywhere
+    assert summary["folding_percent_strict"] == 0.0
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(out / "folding.nii.gz"))).any()
     with open(out / "qa.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -131,9 +136,12 @@ def test_bad_requests_and_labels(files, tmp_path, capsys):
     sitk.WriteImage(far, far_path)
     cases = {
         "unknown method": base + ["--method", "nonsense"],
-        "non-integer values": base + ["--fixed-labels", float_labels],
+        "non-integer values": base + ["--fixed-labels", float_labels, "--moving-labels",
+                                      files["moving_labels"]],
         "not on its image's grid": base + ["--moving-labels", wrong_grid],
-        "do not overlap": ["register", files["fixed"], far_path, "--output", out],
+        # with --initial auto the global stage brings such a pair together instead
+        "do not overlap": ["register", files["fixed"], far_path, "--output", out, "--initial",
+                           "none"],
     }
     if not torch.cuda.is_available():
         cases["no CUDA"] = base + ["--device", "cuda"]
@@ -168,13 +176,16 @@ def test_nan_voxels_are_replaced_and_reported(files, tmp_path, capsys):
         assert any(expected in note for note in summary["notes"]), summary["notes"]
 
 
-def test_cancel_by_sigterm_exits_130(files, tmp_path):
+def test_cancel_by_sigterm_exits_130(files, earlier, tmp_path):
+    """Cancelled with --overwrite over an earlier result: that result is left exactly as it was."""
     import signal
     import time
+    out = _copy(earlier, tmp_path / "cancelled")
+    before = _snapshot(out)
     env = dict(os.environ, PYTHONPATH=ROOT)
     process = subprocess.Popen([sys.executable, "-m", "DeepRegistrationLib", "register",
                                 files["fixed"], files["moving"], "--output",
-                                str(tmp_path / "cancelled"), "--progress-json"],
+                                str(out), "--overwrite", "--progress-json"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
     for line in process.stdout:  # wait until the optimisation is running
@@ -185,3 +196,196 @@ def test_cancel_by_sigterm_exits_130(files, tmp_path):
     code = process.wait(timeout=120)
     assert code == 130 and time.time() - started < 60
     assert "cancelled" in process.stderr.read()
+    assert _snapshot(out) == before and not _staging_left(tmp_path)
+
+
+# ------------------------------------------------------------------ output folder: swap, overwrite
+def _snapshot(folder):
+    """Every file of ``folder`` with its bytes."""
+    return {name: open(os.path.join(folder, name), "rb").read()
+            for name in sorted(os.listdir(folder))}
+
+
+def _staging_left(folder):
+    return [name for name in os.listdir(folder) if ".deepreg-" in name]
+
+
+def _copy(source, target):
+    import shutil
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def earlier(files, tmp_path_factory):
+    """A real earlier result: labels (so warped_labels.nii.gz) and the QA figure."""
+    out = tmp_path_factory.mktemp("earlier") / "result"
+    assert main(["register", files["fixed"], files["moving"], "--output", str(out), "--quiet",
+                 "--fixed-labels", files["fixed_labels"], "--moving-labels",
+                 files["moving_labels"]]) == 0
+    assert {"qa.png", "warped_labels.nii.gz", "summary.json"} <= set(os.listdir(out))
+    return out
+
+
+def test_overwrite_leaves_only_the_new_runs_files(files, earlier, tmp_path):
+    out = _copy(earlier, tmp_path / "result")
+    old_summary = json.loads((out / "summary.json").read_text())
+    assert main(["register", files["fixed"], files["moving"], "--output", str(out), "--quiet",
+                 "--no-figure", "--overwrite"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(os.listdir(out)) == sorted(summary["outputs"].values())
+    assert "qa.png" not in os.listdir(out) and "warped_labels.nii.gz" not in os.listdir(out)
+    assert "dice" in old_summary and "dice" not in summary
+    assert not _staging_left(tmp_path)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_run_failing_while_writing_leaves_the_earlier_result_intact(files, earlier, tmp_path,
+                                                                     monkeypatch, failure):
+    """The writer fails after warped, displacement and Jacobian files are written (in the
+    staging folder): the earlier result is untouched and the staging folder is gone."""
+    import DeepRegistrationLib.outputs as outputs
+    out = _copy(earlier, tmp_path / "result")
+    before = _snapshot(out)
+    written = []
+
+    def failing_summarise(*args, **kwargs):
+        written.extend(n for n in os.listdir(tmp_path) if ".deepreg-partial-" in n)
+        raise failure
+    monkeypatch.setattr(outputs, "summarise", failing_summarise)
+    argv = ["register", files["fixed"], files["moving"], "--output", str(out), "--quiet",
+            "--overwrite", "--moving-labels", files["moving_labels"]]
+    if isinstance(failure, KeyboardInterrupt):
+        assert main(argv) == 130
+    else:
+        with pytest.raises(RuntimeError, match="disk full"):
+            main(argv)
+    assert written  # the new files were being written beside the result, not into it
+    assert _snapshot(out) == before
+    assert not _staging_left(tmp_path)
+
+
+def test_overwrite_never_removes_files_deepreg_did_not_write(files, earlier, tmp_path, capsys):
+    plain = tmp_path / "mine"
+    plain.mkdir()
+    (plain / "precious.txt").write_text("keep me")
+    mixed = _copy(earlier, tmp_path / "mixed")
+    (mixed / "notes.txt").write_text("my notes")
+    for folder in (plain, mixed):
+        before = _snapshot(folder)
+        code, lines = _error(capsys, ["register", files["fixed"], files["moving"], "--output",
+                                      str(folder), "--overwrite"])
+        assert code == 2 and len(lines) == 1 and "which no earlier deepreg run wrote" in lines[0]
+        assert _snapshot(folder) == before
+
+
+def test_a_failed_run_removes_the_folders_it_created(files, tmp_path, monkeypatch):
+    import DeepRegistrationLib.outputs as outputs
+
+    def failing_summarise(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(outputs, "summarise", failing_summarise)
+    with pytest.raises(RuntimeError):
+        main(["register", files["fixed"], files["moving"], "--output",
+              str(tmp_path / "new" / "nested" / "out"), "--quiet"])
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------- validate before creating anything
+def _exit(capsys, argv):
+    """Exit code and stderr lines, for errors main() returns and for argparse's SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def test_every_refused_request_is_one_line_and_creates_nothing(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["register", files["fixed"], files["moving"], "--output", str(out)]
+    (tmp_path / "a-file").write_text("x")
+    far = sitk.ReadImage(files["moving"])
+    far.SetOrigin((900.0, 0.0, 0.0))
+    far_path = os.path.join(os.path.dirname(files["moving"]), "far.nrrd")  # not in tmp_path
+    sitk.WriteImage(far, far_path)
+    cases = {
+        "unknown method": base + ["--method", "nonsense"],
+        "unknown similarity 'bogus'": base + ["--similarity", "bogus"],
+        "does not support similarity 'ngf'": base + ["--method", "vm-diff", "--similarity",
+                                                     "ngf"],
+        "has no variant 'XYZ'": base + ["--variant", "XYZ"],
+        "--refine must be 0 or more": base + ["--refine", "-3"],
+        "--regularization must be": base + ["--regularization", "-1"],
+        "invalid int value: 'many'": base + ["--refine", "many"],
+        "--fixed-labels needs --moving-labels": base + ["--fixed-labels", files["fixed_labels"]],
+        "do not overlap": ["register", files["fixed"], far_path, "--output", str(out),
+                           "--initial", "none"],
+        "exists and is a file": ["register", files["fixed"], files["moving"], "--output",
+                                 str(tmp_path / "a-file")],
+        "demo: unknown method": ["demo", "--output", str(out), "--method", "bogus"],
+        "demo: --spacing must be": ["demo", "--output", str(out), "--spacing", "0"],
+    }
+    if not torch.cuda.is_available():
+        cases["no CUDA"] = base + ["--device", "cuda"]
+    for expected, argv in cases.items():
+        code, lines = _exit(capsys, argv)
+        assert code == 2 and len(lines) == 1, (expected, lines)
+        assert lines[0].startswith("deepreg: error:") and expected.split(": ")[-1] in lines[0], \
+            (expected, lines)
+        assert not out.exists() and sorted(os.listdir(tmp_path)) == ["a-file"], expected
+
+
+def test_moving_labels_alone_are_carried_and_the_summary_says_no_dice(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["register", files["fixed"], files["moving"], "--output", str(out),
+                 "--no-figure", "--moving-labels", files["moving_labels"]]) == 0
+    note = "no Dice without --fixed-labels"
+    assert note in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(note in n for n in summary["notes"]) and "dice" not in summary
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
+    assert set(np.unique(warped)) <= {0, 1, 2} and (warped == 2).any()
+
+
+# ----------------------------------------------------------------------------- deepreg methods
+def test_methods_text_shows_each_model_card(capsys, tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+    import shutil
+
+    from DeepRegistrationLib.methods import METHODS, get_method
+    monkeypatch.setitem(METHODS, "test-untrained", dataclasses.replace(
+        get_method("vm-diff"), name="test-untrained", checkpoint="test-untrained.pt"))
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    blocks = {block.split()[0]: block for block in text.split("\n\n") if block.strip()}
+    vtn = blocks["vtn"]
+    path = get_method("vtn").checkpoint_path()
+    card = json.load(open(os.path.splitext(path)[0] + ".json"))
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert f"checkpoint: {path}" in vtn
+    assert f"sha256: {digest[:12]}... (matches the file), created {card['created']}" in vtn
+    assert "trained on: mni152 (T1" in vtn and "at 4 mm" in vtn
+    assert f"training: {card['training']['iterations']} steps, " \
+           f"{card['training']['wall_time_seconds'] / 60:.1f} min wall time" in vtn
+    validation = card["validation"]
+    assert f"validation ({validation['cases']} synthetic cases, step {validation['step']}" in vtn
+    assert f"Dice {validation['identity']['dice']:.3f} -> {validation['metrics']['dice']:.3f}" \
+        in vtn
+    assert "checkpoint: none needed" in blocks["io"]
+    assert "checkpoint: none found" in blocks["test-untrained"]
+    assert "[no checkpoint (train it first)]" in blocks["test-untrained"]
+    # a card that does not match its checkpoint is called out
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(get_method("vm-diff").checkpoint_path(), folder / "vm-diff.pt")
+    wrong = dict(json.load(open(os.path.splitext(get_method("vm-diff").checkpoint_path())[0]
+                                + ".json")), sha256="0" * 64)
+    (folder / "vm-diff.json").write_text(json.dumps(wrong))
+    monkeypatch.setenv("DEEPREG_CHECKPOINTS", str(folder))
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    block = [b for b in text.split("\n\n") if b.startswith("vm-diff")][0]
+    assert "sha256: 000000000000... (DOES NOT match the file" in block
