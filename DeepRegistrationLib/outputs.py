@@ -24,7 +24,7 @@ from .errors import UserInputError
 from .images import (image_from_array, index_to_physical_matrix, physical_grid,
                      resample_to_reference, sample_at_points, write_image)
 from .metrics import (dice, folding_percent, jacobian_determinant_map, label_values, ncc, sdlogj,
-                      volume_ratio)
+                      strict_jacobian_determinant_map, volume_ratio)
 from .spatial import warp
 
 OUTPUT_FILES = {
@@ -35,6 +35,7 @@ OUTPUT_FILES = {
     "affine": "affine.tfm",              # ITK AffineTransform, LPS, fixed point -> moving point
     "deformable": "deformable.nii.gz",   # the deformable part alone, as displacement.nii.gz
     "jacobian": "jacobian.nii.gz",
+    "folding": "folding.nii.gz",  # UInt8, 1 where strictly folded (a one-sided det J <= 0)
     "grid": "grid.nii.gz",
     "warped_labels": "warped_labels.nii.gz",
     "summary": "summary.json",
@@ -115,19 +116,34 @@ def warped_grid(displacement: torch.Tensor, every: int = 8) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ summaries
-def worst_folding(determinant: np.ndarray, reference: sitk.Image) -> Dict:
-    """Where the determinant is smallest: index (k, j, i), LPS point and the value."""
-    k, j, i = (int(v) for v in np.unravel_index(int(np.argmin(determinant)), determinant.shape))
+def worst_folding(strict_determinant: np.ndarray, determinant: np.ndarray,
+                  reference: sitk.Image) -> Dict:
+    """Where the strict (one-sided) determinant is smallest: index (k, j, i), LPS point, the
+    strict value there (``determinant``) and the central-difference one (``determinant_central``).
+
+    The strict minimum, because a fold that alternates every voxel has a positive central
+    determinant and the central minimum would point somewhere else."""
+    k, j, i = (int(v) for v in np.unravel_index(int(np.argmin(strict_determinant)),
+                                                strict_determinant.shape))
     return {"index_kji": [k, j, i],
             "point_lps": list(reference.TransformIndexToPhysicalPoint((i, j, k))),
-            "determinant": float(determinant[k, j, i])}
+            "determinant": float(strict_determinant[k, j, i]),
+            "determinant_central": float(determinant[k, j, i])}
 
 
 def summarise(result: RegistrationResult, warped: sitk.Image, determinant: np.ndarray,
               fixed_labels: Optional[sitk.Image] = None, moving_labels: Optional[sitk.Image] = None,
               warped_labels: Optional[sitk.Image] = None,
-              vectors: Optional[np.ndarray] = None) -> Dict:
-    """The numbers of ``summary.json`` (also what the Slicer module's results table shows)."""
+              vectors: Optional[np.ndarray] = None,
+              strict_determinant: Optional[np.ndarray] = None) -> Dict:
+    """The numbers of ``summary.json`` (also what the Slicer module's results table shows).
+
+    ``folding_percent`` / ``folded_voxels`` / ``jacobian_min`` use central differences (the
+    figure ITK and Learn2Reg report); the ``*_strict`` keys the minimum of the 8 one-sided
+    determinants (``metrics.strict_jacobian_determinant_map``), which odd-even folds cannot hide
+    from."""
+    if strict_determinant is None:
+        strict_determinant = strict_jacobian_determinant_map(result.displacement)
     fixed_array = sitk.GetArrayViewFromImage(result.fixed)
     moving_on_fixed = sitk.GetArrayViewFromImage(result.moving_in_fixed_frame())
     summary = {
@@ -140,8 +156,11 @@ def summarise(result: RegistrationResult, warped: sitk.Image, determinant: np.nd
         "folding_percent": folding_percent(determinant),
         "folded_voxels": int(np.count_nonzero(determinant <= 0)),
         "jacobian_min": float(determinant.min()), "jacobian_max": float(determinant.max()),
+        "folding_percent_strict": folding_percent(strict_determinant),
+        "folded_voxels_strict": int(np.count_nonzero(strict_determinant <= 0)),
+        "jacobian_min_strict": float(strict_determinant.min()),
         "sdlogj": sdlogj(determinant),
-        "worst_folding": worst_folding(determinant, result.fixed),
+        "worst_folding": worst_folding(strict_determinant, determinant, result.fixed),
         "max_displacement_mm": float(np.linalg.norm(
             displacement_to_physical(result.displacement, result.fixed) if vectors is None
             else vectors, axis=-1).max()),
@@ -356,6 +375,9 @@ def _write_output_files(result: RegistrationResult, folder: str,
     save("deformable", displacement_field_image(result.deformable_part(), result.fixed))
     determinant = jacobian_determinant_map(result.displacement)
     save("jacobian", image_from_array(determinant.astype(np.float32), result.fixed))
+    strict_determinant = strict_jacobian_determinant_map(result.displacement)
+    folded = strict_determinant <= 0
+    save("folding", image_from_array(folded.astype(np.uint8), result.fixed))
     grid = warped_grid(result.displacement)
     save("grid", image_from_array(grid, result.fixed))
     warped_labels = None
@@ -366,14 +388,14 @@ def _write_output_files(result: RegistrationResult, folder: str,
         save("warped_labels", warped_labels)
     report(0.6, "computing metrics")
     summary = summarise(result, warped, determinant, fixed_labels, moving_labels, warped_labels,
-                        vectors)
-    summary.update(composition_summary(result, determinant))
+                        vectors, strict_determinant)
+    summary.update(composition_summary(result, determinant, strict_determinant))
     summary.update(extra or {})
     if figure:
         report(0.75, "drawing the QA figure")
         from .qa import qa_figure
         paths["qa"] = os.path.join(folder, OUTPUT_FILES["qa"])
-        qa_figure(result, warped, determinant, grid, summary, paths["qa"])
+        qa_figure(result, warped, determinant, folded, summary, paths["qa"])
     paths["summary"] = os.path.join(folder, OUTPUT_FILES["summary"])
     summary["outputs"] = {name: os.path.basename(path) for name, path in paths.items()}
     with open(paths["summary"], "w") as handle:
