@@ -70,6 +70,36 @@ def displacement_field_image(displacement: torch.Tensor, reference: sitk.Image,
     return image_from_array(vectors.astype(np.float32), reference, is_vector=True)
 
 
+def write_displacement_field(field: sitk.Image, path: str) -> None:
+    """Write a displacement field (LPS mm vectors, :func:`displacement_field_image`) as a NIfTI
+    displacement-vector file, the way ITK >= 5.4 and 3D Slicer >= 5.4 write one: intent code 1006
+    (NIFTI_INTENT_DISPVECT) with the vectors in NIfTI's RAS frame. ITK (SimpleITK, ANTs) reads it
+    back as the same LPS vectors, and Slicer's transform reader takes it without the warning it
+    gives for the generic vector intent (1007) that SimpleITK's writer uses for vector images.
+
+    Written with nibabel because SimpleITK's vector images cannot carry the 1006 intent (ITK
+    allows it only for itk::Vector pixels). The header holds the same affine as qform and sform.
+    """
+    import nibabel
+
+    vectors = sitk.GetArrayViewFromImage(field)  # (k, j, i, 3), LPS
+    if vectors.ndim != 4 or vectors.shape[-1] != 3:
+        raise ValueError("a 3-D field of 3-component vectors is needed")
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine = lps_to_ras @ index_to_physical_matrix(field)
+    # On disk NIfTI runs i fastest, then j, k, t, component: the C-order (c, t, k, j, i) array,
+    # handed to nibabel as its Fortran-order (i, j, k, t, c) view (no further copy).
+    ras = np.empty((3, 1) + vectors.shape[:3], dtype=np.float32)
+    for component, sign in enumerate((-1.0, -1.0, 1.0)):
+        np.multiply(vectors[..., component], sign, out=ras[component, 0])
+    image = nibabel.Nifti1Image(ras.T, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    image.header.set_intent(1006)
+    image.header.set_xyzt_units("mm", "sec")
+    nibabel.save(image, os.fspath(path))
+
+
 def read_displacement_field(path: str, reference: Optional[sitk.Image] = None) -> torch.Tensor:
     """Read an ITK displacement field file back to voxels of its own (or ``reference``'s) grid."""
     field = sitk.ReadImage(os.fspath(path))
@@ -362,7 +392,10 @@ def _write_output_files(result: RegistrationResult, folder: str,
 
     def save(name, image):
         paths[name] = os.path.join(folder, OUTPUT_FILES[name])
-        write_image(image, paths[name])
+        if name in ("displacement", "deformable"):
+            write_displacement_field(image, paths[name])  # as Slicer reads it without a warning
+        else:
+            write_image(image, paths[name])
 
     report(0.0, "warping the moving image")
     vectors = displacement_to_physical(result.displacement, result.fixed)
