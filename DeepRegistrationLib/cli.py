@@ -153,7 +153,9 @@ def _run_registration(args, reporter: Reporter, fixed, moving, fixed_labels, mov
 def _describe(summary) -> str:
     text = (f"{summary['method']}: NCC {summary['similarity_before']:.3f} -> "
             f"{summary['similarity_after']:.3f}, folding {summary['folding_percent']:.4f}% "
-            f"(min det {summary['jacobian_min']:.3f}), SDlogJ {summary['sdlogj']:.3f}, "
+            f"central / {summary['folding_percent_strict']:.4f}% strict (min det "
+            f"{summary['jacobian_min']:.3f} / {summary['jacobian_min_strict']:.3f}), "
+            f"SDlogJ {summary['sdlogj']:.3f}, "
             f"{summary['runtime_seconds']:.1f} s")
     if "mean_dice_after" in summary:
         text += f", mean Dice {summary['mean_dice_before']:.3f} -> {summary['mean_dice_after']:.3f}"

@@ -222,3 +222,26 @@ def test_folding_penalty_has_gradients_that_unfold():
     with torch.no_grad():
         stepped = field - 0.1 * field.grad / field.grad.abs().max()
     assert losses.negative_jacobian_loss(stepped) < loss
+
+
+def test_evaluation_tables_report_strict_folding_beside_central():
+    from training import evaluate as ev
+    shape = (16, 18, 17)
+    image = make_image(np.random.default_rng(3).random(shape).astype(np.float32))
+    labels = make_image((np.arange(17) > 8).astype(np.int32)[None, None].repeat(16, 0)
+                        .repeat(18, 1))
+    case = ev.Case("c", image, image, labels, labels, torch.zeros((1, 3) + shape))
+    field = torch.zeros_like(case.truth)
+    field[0, 2, 6:10, 6:10, 6:10] = 0.7 * (-1.0) ** torch.arange(6, 10, dtype=torch.float32)
+    values = ev.field_metrics(case, field)
+    expected = 100.0 * metrics.folding_strict_mask(field).mean()
+    assert values["folding_percent"] == 0.0
+    assert values["folding_percent_strict"] == pytest.approx(expected) and expected > 0
+    row = ev._row(case, "checkerboard", "method", dict(values, seconds=1.0, peak_mib=1.0), "ok",
+                  "")
+    for table in (ev.summary_table([row]), ev.case_table([row])):
+        header, _, line = table.splitlines()[:3]
+        cells = dict(zip([c.strip() for c in header.split("|")],
+                         [c.strip() for c in line.split("|")]))
+        assert cells["folding %"] == "0.0000"
+        assert cells["strict folding %"] == f"{expected:.4f}"

@@ -19,7 +19,9 @@ voxels (peers: their exported ITK displacement field converted by
 ``outputs.physical_to_displacement``) and *all* metrics are then computed here from that field:
 mean Dice and HD95 of the moving labels warped onto the fixed grid (nearest neighbour,
 ``outputs.warp_image``), % voxels with det J <= 0 and SDlogJ over the fixed grid
-(``metrics.jacobian_determinant_map``), the mean distance in mm to the ground-truth field over
+(``metrics.jacobian_determinant_map``, central differences: the ITK / Learn2Reg-comparable
+figure) and % voxels folded by the strict measure (any of the 8 one-sided determinants <= 0,
+``metrics.strict_jacobian_determinant_map``: folds that alternate every voxel cannot hide), the mean distance in mm to the ground-truth field over
 the fixed labels, NCC, seconds and peak memory. A row ``identity`` gives the values before
 registration and a row ``truth`` those of the ground-truth field: labels resampled with nearest
 neighbour (twice for the other-grid case) lose thin structures, so its Dice is the ceiling any
@@ -60,13 +62,14 @@ from DeepRegistrationLib import __version__
 from DeepRegistrationLib.errors import UserInputError
 from DeepRegistrationLib.images import write_image
 from DeepRegistrationLib.metrics import (dice, folding_percent, hd95, jacobian_determinant_map,
-                                         ncc, sdlogj)
+                                         ncc, sdlogj, strict_jacobian_determinant_map)
 from DeepRegistrationLib.outputs import (displacement_field_image, displacement_to_physical,
                                          warp_image)
 
 EVALUATION_SEED = 777
 EVALUATION_STREAM = 2          # neither the training (0) nor the validation (1) stream
-METRICS = ("dice", "hd95", "gt_error_mm", "folding_percent", "sdlogj", "ncc", "seconds",
+METRICS = ("dice", "hd95", "gt_error_mm", "folding_percent", "folding_percent_strict", "sdlogj",
+           "ncc", "seconds",
            "peak_mib")
 CASE_SETS = ("tiny", "small", "full")
 
@@ -312,6 +315,8 @@ def field_metrics(case: Case, displacement: torch.Tensor) -> Dict[str, float]:
             "hd95": float(np.mean(finite)) if finite else float("nan"),
             "gt_error_mm": float(error.mean()),
             "folding_percent": folding_percent(determinant),
+            "folding_percent_strict": folding_percent(
+                strict_jacobian_determinant_map(displacement)),
             "sdlogj": sdlogj(determinant),
             "ncc": ncc(sitk.GetArrayFromImage(case.fixed), warped),
             "dice_per_label": {str(k): round(v, 4) for k, v in overlap.items()}}
@@ -441,15 +446,16 @@ def _mean(values) -> float:
 def summary_table(rows: List[Dict]) -> str:
     """Markdown: one line per method, mean over its successful cases."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    header = ("| method | cases | Dice | HD95 mm | GT error mm | folding % | SDlogJ | NCC | "
-              "seconds | peak MiB |")
-    lines = [header, "|" + "---|" * 10]
+    header = ("| method | cases | Dice | HD95 mm | GT error mm | folding % | strict folding % | "
+              "SDlogJ | NCC | seconds | peak MiB |")
+    lines = [header, "|" + "---|" * 11]
     for method in methods:
         ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
         failed = sum(1 for r in rows if r["method"] == method and r["status"] != "ok")
         count = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
         cells = [f"{_mean([r[k] for r in ok]):.3f}" for k in ("dice", "hd95", "gt_error_mm")]
         cells += [f"{_mean([r['folding_percent'] for r in ok]):.4f}",
+                  f"{_mean([r['folding_percent_strict'] for r in ok]):.4f}",
                   f"{_mean([r['sdlogj'] for r in ok]):.3f}", f"{_mean([r['ncc'] for r in ok]):.3f}",
                   f"{_mean([r['seconds'] for r in ok]):.1f}",
                   f"{_mean([r['peak_mib'] for r in ok]):.0f}"]
@@ -458,14 +464,15 @@ def summary_table(rows: List[Dict]) -> str:
 
 
 def case_table(rows: List[Dict]) -> str:
-    lines = ["| case | method | Dice | HD95 mm | GT error mm | folding % | SDlogJ | seconds | "
-             "peak MiB | note |", "|" + "---|" * 10]
+    lines = ["| case | method | Dice | HD95 mm | GT error mm | folding % | strict folding % | "
+             "SDlogJ | seconds | peak MiB | note |", "|" + "---|" * 11]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['case']} | {r['method']} | failed | | | | | | | {r['note']} |")
+            lines.append(f"| {r['case']} | {r['method']} | failed | | | | | | | | {r['note']} |")
             continue
         lines.append(f"| {r['case']} | {r['method']} | {r['dice']:.3f} | {r['hd95']:.2f} | "
-                     f"{r['gt_error_mm']:.2f} | {r['folding_percent']:.4f} | {r['sdlogj']:.3f} | "
+                     f"{r['gt_error_mm']:.2f} | {r['folding_percent']:.4f} | "
+                     f"{r['folding_percent_strict']:.4f} | {r['sdlogj']:.3f} | "
                      f"{r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['note']} |")
     return "\n".join(lines)
 
