@@ -1,0 +1,416 @@
+"""The MMLN ablation of issue #11: does the core branch (LC) or the 2-D branch (LCD) make the
+deployed 3-D pyramid more regular without costing Dice, as the paper's own ablation reports
+(Dice 0.783 -> 0.782 -> 0.779, folding -33 % with the core branch, -90 % with the 2-D branch)?
+
+Four steps, each writing under ``--output`` (commit ``*.md``, ``*.csv``, ``*.json`` and the
+training logs and model cards; not the weights)::
+
+    # 1. k on the L baseline, on the trainer's held-out *validation* cases (never the evaluation
+    #    cases): the largest k whose strict folding there is still non-zero
+    python -m training.mmln_ablation choose-k --ks 4,2,1,0.5 --iterations 3000 --output DIR
+    # 2. every arm with that k, same steps, two seeds (checkpoints DIR/seed<S>/mmln-<ARM>.pt)
+    python -m training.mmln_ablation train --k K --iterations 3000 --seeds 0,1 --output DIR
+    # 3. every arm on the evaluation cases, paired per-case statistics
+    python -m training.mmln_ablation evaluate --cases full --output DIR
+    # 4. seconds of the deployed network on a 2 mm pair (random weights will do: the cost does
+    #    not depend on them)
+    python -m training.mmln_ablation speed --output DIR
+
+Arms: ``L`` (the pyramid alone), ``LC`` (+ core branch), ``LCD`` (+ core + 2-D branch = MMLN) and
+the negative controls ``LC-uncoupled``, ``LCD-uncoupled`` (the same branches with the gradient
+path into the pyramid cut: the branch weights cannot change the deployed network, so these must
+match ``L`` up to seed noise). Training goes through ``python -m training train`` (any
+``--recipe`` or ``--source`` is passed on), one arm after another.
+
+Metrics per case (all from the displacement on the fixed grid): folding by the strict measure
+(a voxel folds when any of its 8 one-sided finite-difference Jacobians has det <= 0; primary) and
+by central differences, SDlogJ, the smallest det J (both measures), then mean Dice, the mean error
+against the ground-truth field in mm and the label volume error (mean over labels of
+``|V(warped moving label) / V(fixed label) - 1|``). Each case is marked seen / unseen: whether its
+source is among the checkpoint's training sources (its model card). Comparisons are paired over
+(case, seed): mean difference, how many units go each way, and the two-sided Wilcoxon
+signed-rank p-value (``zsplit`` ties, so cases where both arms have no folding count as ties).
+"""
+from __future__ import annotations
+
+from DeepRegistrationLib.runtime import configure_openmp
+
+configure_openmp()  # before torch (see runtime.py)
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List, Optional, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from DeepRegistrationLib.errors import UserInputError  # noqa: E402
+
+ARMS = ("L", "LC", "LCD", "LC-uncoupled", "LCD-uncoupled")
+COMPARISONS = (("LC", "L"), ("LCD", "L"), ("LCD", "LC"), ("LC", "LC-uncoupled"),
+               ("LCD", "LCD-uncoupled"))
+# primary (regularity) first, then accuracy; True where lower is better
+METRICS = (("folding_percent_strict", True), ("folding_percent", True), ("sdlogj", True),
+           ("min_det_strict", False), ("min_det", False), ("dice", False),
+           ("gt_error_mm", True), ("label_volume_error", True))
+
+
+# ---------------------------------------------------------------------------------- training
+def arm_config(arm: str, k: float) -> Dict:
+    from DeepRegistrationLib.methods.mmln import parse_variant
+    branches, coupling = parse_variant(arm)
+    return {"variant": branches, "coupling": coupling, "smoothness": float(k)}
+
+
+def train_arm(arm: str, k: float, seed: int, output: str, args) -> Dict:
+    """Train one arm with ``python -m training train``; returns its model card."""
+    command = [sys.executable, "-m", "training", "train", "--method", "mmln",
+               "--iterations", str(args.iterations), "--seed", str(seed),
+               "--config", json.dumps(arm_config(arm, k)), "--output", output, "--quiet"]
+    for option in ("recipe", "source", "threads", "val_every", "val_cases"):
+        value = getattr(args, option, None)
+        if value is not None:
+            command += [f"--{option.replace('_', '-')}", str(value)]
+    card_path = os.path.splitext(output)[0] + ".json"
+    if finished(card_path, args.iterations) and not args.retrain:
+        print(f"{output}: trained already, kept (--retrain to train again)", file=sys.stderr)
+    else:
+        print(" ".join(command), file=sys.stderr, flush=True)
+        resume = os.path.splitext(output)[0] + ".resume.pt"
+        if os.path.isfile(resume) and not args.retrain:
+            command += ["--resume", resume]
+        subprocess.run(command, check=True)
+    with open(card_path) as handle:
+        return json.load(handle)
+
+
+def finished(card_path: str, iterations: int) -> bool:
+    """A run is done when its model card says it ran all its steps (the trainer completes the
+    card at the end of a run)."""
+    if not os.path.isfile(card_path):
+        return False
+    with open(card_path) as handle:
+        card = json.load(handle)
+    return int(card["training"].get("run_iterations", 0)) >= iterations
+
+
+def validation_folding(card: Dict) -> float:
+    """The strict folding of the best checkpoint on the trainer's validation cases when the
+    trainer records it, else its central-difference folding."""
+    metrics = card["validation"]["metrics"]
+    return float(metrics.get("folding_percent_strict", metrics["folding_percent"]))
+
+
+def command_choose_k(args) -> None:
+    ks = sorted((float(k) for k in args.ks.split(",")), reverse=True)
+    rows = []
+    for k in ks:
+        output = os.path.join(args.output, "choose-k", f"k{k:g}", "mmln-L.pt")
+        card = train_arm("L", k, 0, output, args)
+        metrics = card["validation"]["metrics"]
+        rows.append({"k": k, "validation_folding": validation_folding(card),
+                     "validation_dice": metrics["dice"], "validation_sdlogj": metrics["sdlogj"],
+                     "validation_gt_error_mm": metrics["gt_error_mm"],
+                     "measure": "strict" if "folding_percent_strict" in metrics else "central"})
+    folding = [r for r in rows if r["validation_folding"] > 0]
+    chosen = max(folding, key=lambda r: r["k"]) if folding else min(rows, key=lambda r: r["k"])
+    result = {"chosen_k": chosen["k"], "rule": "largest k whose L-arm folding on the trainer's "
+              "validation cases is non-zero" + ("" if folding else " (none folded: the smallest "
+                                                                    "k tried)"),
+              "candidates": rows, "iterations": args.iterations}
+    with open(os.path.join(args.output, "choose_k.json"), "w") as handle:
+        json.dump(result, handle, indent=2)
+    lines = ["| k | validation folding % | measure | Dice | SDlogJ | GT error mm |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['k']:g} | {r['validation_folding']:.4f} | {r['measure']} | "
+              f"{r['validation_dice']:.3f} | {r['validation_sdlogj']:.3f} | "
+              f"{r['validation_gt_error_mm']:.2f} |" for r in rows]
+    with open(os.path.join(args.output, "choose_k.md"), "w") as handle:
+        handle.write(f"# MMLN: k on the L baseline ({args.iterations} steps, seed 0)\n\n"
+                     + "\n".join(lines) + f"\n\nChosen k = {chosen['k']:g}: {result['rule']}.\n")
+    print(f"chosen k = {chosen['k']:g}")
+
+
+def command_train(args) -> None:
+    arms = args.arms.split(",") if args.arms else list(ARMS)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for arm in arms:
+            from DeepRegistrationLib.methods.mmln import checkpoint_name
+            output = os.path.join(args.output, f"seed{seed}", checkpoint_name(arm))
+            train_arm(arm, args.k, seed, output, args)
+
+
+# -------------------------------------------------------------------------------- evaluation
+def case_metrics(case, displacement) -> Dict[str, float]:
+    """The evaluation's metrics of one field plus strict folding, the smallest det J and the
+    label volume error."""
+    import SimpleITK as sitk
+    from DeepRegistrationLib.metrics import (folding_percent, jacobian_determinant_map,
+                                             strict_jacobian_determinant_map, volume_ratio)
+    from DeepRegistrationLib.outputs import warp_image
+    from .evaluate import field_metrics
+
+    values = field_metrics(case, displacement)
+    values.pop("dice_per_label", None)
+    strict = strict_jacobian_determinant_map(displacement)
+    central = jacobian_determinant_map(displacement)
+    fixed_labels = sitk.GetArrayFromImage(case.fixed_labels)
+    warped_labels = sitk.GetArrayFromImage(warp_image(case.moving_labels, displacement,
+                                                      case.fixed, nearest=True))
+    ratios = volume_ratio(fixed_labels, warped_labels)
+    values.update(folding_percent_strict=folding_percent(strict),
+                  min_det_strict=float(strict.min()), min_det=float(central.min()),
+                  label_volume_error=float(np.mean([abs(r - 1.0) for r in ratios.values()]))
+                  if ratios else float("nan"))
+    return values
+
+
+def trained_sources(folder: str, arm: str) -> List[str]:
+    from DeepRegistrationLib.methods.base import model_card_path
+    from DeepRegistrationLib.methods.mmln import checkpoint_name
+    with open(model_card_path(os.path.join(folder, checkpoint_name(arm)))) as handle:
+        card = json.load(handle)
+    return [source["name"] for source in card["data"]["sources"]]
+
+
+def paired(rows: List[Dict], first: str, second: str, metric: str) -> Optional[Dict]:
+    """Paired comparison of two arms over the (case, seed) units both have."""
+    from scipy.stats import wilcoxon
+    by_unit = {}
+    for row in rows:
+        by_unit.setdefault((row["case"], row["seed"]), {})[row["arm"]] = row[metric]
+    units = [(u, v[first], v[second]) for u, v in by_unit.items()
+             if first in v and second in v and np.isfinite(v[first]) and np.isfinite(v[second])]
+    if not units:
+        return None
+    a = np.array([x for _, x, _ in units])
+    b = np.array([y for _, _, y in units])
+    difference = a - b
+    if np.all(difference == 0):
+        p_value = 1.0
+    else:
+        p_value = float(wilcoxon(a, b, zero_method="zsplit").pvalue)
+    return {"first": first, "second": second, "metric": metric, "units": len(units),
+            "mean_first": float(a.mean()), "mean_second": float(b.mean()),
+            "mean_difference": float(difference.mean()),
+            "relative_change": float(difference.mean() / b.mean()) if b.mean() else float("nan"),
+            "first_lower": int((difference < 0).sum()), "first_higher": int((difference > 0).sum()),
+            "ties": int((difference == 0).sum()), "wilcoxon_p": p_value}
+
+
+def command_evaluate(args) -> None:
+    from DeepRegistrationLib.methods.mmln import checkpoint_name
+    from .data import available_sources
+    from .evaluate import build_cases, case_specs, run_one
+    import torch
+
+    seeds = sorted(d for d in os.listdir(args.output) if d.startswith("seed"))
+    if not seeds:
+        raise UserInputError(f"no seed<N> folders with checkpoints in {args.output}; run "
+                             "'python -m training.mmln_ablation train' first")
+    cases = build_cases(args.cases, os.path.join(args.output, "cases"))
+    sources = {spec.name: spec.source for spec in case_specs(args.cases, available_sources())}
+    rows = []
+    for seed_folder in seeds:
+        folder = os.path.join(args.output, seed_folder)
+        os.environ["DEEPREG_CHECKPOINTS"] = os.path.abspath(folder)
+        for arm in ARMS:
+            if not os.path.isfile(os.path.join(folder, checkpoint_name(arm))):
+                print(f"{seed_folder}/{arm}: no checkpoint, skipped", file=sys.stderr)
+                continue
+            seen = trained_sources(folder, arm)
+            for case in cases:
+                job = {"kind": "method", "name": "mmln", "fixed": case.paths["fixed"],
+                       "moving": case.paths["moving"], "options": {"variant": arm}}
+                result = run_one(job)
+                values = case_metrics(case, torch.from_numpy(result["displacement"]))
+                row = {"seed": int(seed_folder[4:]), "arm": arm, "case": case.name,
+                       "source": sources[case.name],
+                       "anatomy": "seen" if sources[case.name] in seen else "unseen",
+                       "seconds": result["seconds"], **values}
+                rows.append(row)
+                print(f"{seed_folder} {arm} {case.name}: " + " ".join(
+                    f"{m} {row[m]:.4f}" for m, _ in METRICS), file=sys.stderr, flush=True)
+    write_evaluation(args, rows)
+
+
+def write_evaluation(args, rows: List[Dict]) -> None:
+    folder = args.output
+    columns = ["seed", "arm", "case", "source", "anatomy", "seconds"] + [m for m, _ in METRICS] \
+        + ["ncc", "hd95"]
+    with open(os.path.join(folder, "per_case.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
+    comparisons = []
+    for subset in ("all", "unseen", "seen"):
+        chosen = rows if subset == "all" else [r for r in rows if r["anatomy"] == subset]
+        for first, second in COMPARISONS:
+            for metric, _ in METRICS:
+                result = paired(chosen, first, second, metric)
+                if result:
+                    comparisons.append(dict(result, anatomy=subset))
+    with open(os.path.join(folder, "comparisons.csv"), "w", newline="") as handle:
+        if comparisons:
+            writer = csv.DictWriter(handle, fieldnames=list(comparisons[0]))
+            writer.writeheader()
+            writer.writerows(comparisons)
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    lines = [f"# MMLN ablation ({args.cases} cases)", "",
+             f"{len(rows)} registrations; seeds {sorted(set(r['seed'] for r in rows))}; "
+             f"Python {platform.python_version()}. Means over (case, seed).", "",
+             "| arm | anatomy | units | " + " | ".join(m for m, _ in METRICS) + " |",
+             "|" + "---|" * (3 + len(METRICS))]
+    for arm in arms:
+        for subset in ("all", "unseen", "seen"):
+            chosen = [r for r in rows if r["arm"] == arm
+                      and (subset == "all" or r["anatomy"] == subset)]
+            if chosen:
+                lines.append(f"| {arm} | {subset} | {len(chosen)} | " + " | ".join(
+                    f"{np.nanmean([r[m] for r in chosen]):.4f}" for m, _ in METRICS) + " |")
+    print("\n".join(lines))
+    lines += ["", "## Paired comparisons (first - second over the same (case, seed))", "",
+              "| anatomy | first vs second | metric | units | mean first | mean second | "
+              "difference | relative | first lower / higher / ties | Wilcoxon p |",
+              "|" + "---|" * 10]
+    for c in comparisons:
+        lines.append(f"| {c['anatomy']} | {c['first']} vs {c['second']} | {c['metric']} | "
+                     f"{c['units']} | {c['mean_first']:.4f} | {c['mean_second']:.4f} | "
+                     f"{c['mean_difference']:+.4f} | {c['relative_change']:+.1%} | "
+                     f"{c['first_lower']} / {c['first_higher']} / {c['ties']} | "
+                     f"{c['wilcoxon_p']:.3g} |")
+    with open(os.path.join(folder, "results.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"paired comparisons in {os.path.join(folder, 'results.md')}")
+
+
+# ------------------------------------------------------------------------------------- speed
+def command_speed(args) -> None:
+    """Seconds of the deployed pyramid (random weights) on a 2 mm MNI152 pair: the network call
+    alone (timed by hooks on the module, so it is the canvas the engine really feeds it) and the
+    whole ``engine.register``; the machine's load average beside them."""
+    import tempfile
+    import torch
+    from DeepRegistrationLib import engine
+    from DeepRegistrationLib.methods import get_method, mmln, save_checkpoint
+    from DeepRegistrationLib.methods.base import _NETWORK_CACHE
+    from .evaluate import CaseSpec, build_case
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    case = build_case(CaseSpec("mni152-speed", "mni152", 0.6), 2.0, 0)
+    spec = get_method("mmln")
+    config = dict(spec.config, **json.loads(args.config))
+    network = mmln.build_network(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random weights that move: every head and residual branch non-zero
+        for parameter in network.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    calls: List[Dict] = []
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(os.path.join(folder, "mmln.pt"), network, "mmln", config,
+                        {"note": "random weights, for timing only"})
+        os.environ["DEEPREG_CHECKPOINTS"] = folder
+        _NETWORK_CACHE.clear()
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            cpu = time.process_time()
+            result = engine.register(case.fixed, case.moving, "mmln")
+            total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
+            loaded = next(v for k, v in _NETWORK_CACHE.items() if k[0].startswith(folder))
+            if repeat == 0:
+                loaded.register_forward_pre_hook(
+                    lambda module, inputs: calls.append(
+                        {"start": time.perf_counter(), "cpu": time.process_time(),
+                         "shape": list(inputs[0].shape[2:])}))
+                loaded.register_forward_hook(
+                    lambda module, inputs, output: calls[-1].update(
+                        seconds=time.perf_counter() - calls[-1]["start"],
+                        cpu_seconds=time.process_time() - calls[-1]["cpu"]))
+                continue  # the first call loads the checkpoint and warms up
+            rows.append({"repeat": repeat, "register_seconds": total,
+                         "register_cpu_seconds": total_cpu,
+                         "network_seconds": calls[-1]["seconds"],
+                         "network_cpu_seconds": calls[-1]["cpu_seconds"],
+                         "canvas": calls[-1]["shape"], "load_average": os.getloadavg()[0],
+                         "fixed_size": list(case.fixed.GetSize())})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    summary = {"config": config, "threads": torch.get_num_threads(),
+               "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "parameters_deployed": sum(p.numel() for p in network.levels.parameters()),
+               "parameters_total": sum(p.numel() for p in network.parameters()),
+               "median_network_seconds": float(np.median([r["network_seconds"] for r in rows])),
+               "median_register_seconds": float(np.median([r["register_seconds"]
+                                                           for r in rows])),
+               "runs": rows}
+    os.makedirs(args.output, exist_ok=True)
+    name = f"speed_width{config['width']}.json"
+    with open(os.path.join(args.output, name), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(f"width {config['width']}: network {summary['median_network_seconds']:.2f} s, whole "
+          f"register {summary['median_register_seconds']:.2f} s (median of {len(rows)}; load "
+          f"average {np.mean([r['load_average'] for r in rows]):.1f} on {os.cpu_count()} cores)")
+
+
+# --------------------------------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.mmln_ablation",
+                                     description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def training_options(command):
+        command.add_argument("--iterations", type=int, required=True)
+        command.add_argument("--output", required=True)
+        command.add_argument("--recipe", help="passed to 'python -m training train'")
+        command.add_argument("--source", help="passed to 'python -m training train'")
+        command.add_argument("--threads", type=int)
+        command.add_argument("--val-every", type=int, dest="val_every")
+        command.add_argument("--val-cases", type=int, dest="val_cases")
+        command.add_argument("--retrain", action="store_true",
+                             help="train again even where a checkpoint exists")
+
+    choose = commands.add_parser("choose-k", help="k on the L arm (validation cases)")
+    choose.add_argument("--ks", default="4,2,1,0.5")
+    training_options(choose)
+    train = commands.add_parser("train", help="train every arm and seed")
+    train.add_argument("--k", type=float, required=True)
+    train.add_argument("--seeds", default="0,1")
+    train.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)}")
+    training_options(train)
+    evaluate = commands.add_parser("evaluate", help="every arm on the evaluation cases")
+    evaluate.add_argument("--output", required=True)
+    evaluate.add_argument("--cases", default="full")
+    speed = commands.add_parser("speed", help="seconds per 2 mm pair (random weights)")
+    speed.add_argument("--output", required=True)
+    speed.add_argument("--config", default="{}", help="MMLN config overrides (JSON)")
+    speed.add_argument("--repeats", type=int, default=4)
+    speed.add_argument("--threads", type=int)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"choose-k": command_choose_k, "train": command_train, "evaluate": command_evaluate,
+         "speed": command_speed}[args.command](args)
+    except UserInputError as error:
+        print(f"python -m training.mmln_ablation: error: {error}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as error:
+        print(f"python -m training.mmln_ablation: error: training failed ({error})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
