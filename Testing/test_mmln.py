@@ -356,11 +356,17 @@ def test_trainer_runs_the_phases_and_keeps_a_checkpoint(tmp_path):
                     "T1", "test blobs")
     output = str(tmp_path / "mmln.pt")
     config = {"width": 4, "residual_blocks": 1, "phases": [1, 1, 1], "freeze_fraction": 0.2}
+    # working grid 8 mm; the first 2 steps on a 32 mm coarse stage, which is level 1's grid:
+    # level 1 there, then on the working grid the schedule (levels 2 and 3 from steps 2 and 4),
+    # the levels below frozen for round(0.2 * 6) = 1 step after each change
     train(TrainOptions(method="mmln", output=output, iterations=6, sources=[volume], seed=0,
                        val_every=3, val_cases=1, spacing_mm=8.0, config=config,
+                       coarse_spacing_mm=32.0, coarse_fraction=0.34, coarse_batch_size=1,
                        synth={"contrast_probability": 0.0}, progress=False, log_every=1))
     log = open(tmp_path / "mmln.log").read()
-    for step, level, frozen in [(1, 1, 0), (3, 2, 1), (4, 2, 0), (5, 3, 1), (6, 3, 0)]:
+    assert "at 32.0 mm" in log
+    for step, level, frozen in [(1, 1, 0), (2, 1, 0), (3, 2, 1), (4, 2, 0), (5, 3, 1),
+                                (6, 3, 0)]:
         assert f"step {step}: " in log
         line = next(l for l in log.splitlines() if f"step {step}: " in l and "level" in l)
         assert f"level {level}.0000 frozen {frozen}.0000" in line, line

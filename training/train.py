@@ -55,7 +55,9 @@ The special-loss hook: ``spec.training["loss_fn"]``
   ``generating`` (``moving = warp(fixed, generating)`` before intensity augmentation),
   ``source`` and ``multimodal`` (lists of B), ``step`` (0-based index of this optimiser step),
   ``iterations`` (total steps of the run: schedule phases with ``step / iterations``),
-  ``training`` (bool), ``spec`` (the MethodSpec) and ``config`` (the network config);
+  ``training`` (bool), ``spec`` (the MethodSpec), ``config`` (the network config) and, while
+  training, ``spacing_mm`` (the grid of this batch's curriculum stage) and ``working_spacing_mm``
+  (the run's final grid);
 - returns the scalar tensor to minimise (it must have a graph when ``batch["training"]``) and a
   dict ``{name: float or 0-d tensor}`` of the terms to log (the total is logged as ``loss``).
 
@@ -453,7 +455,8 @@ def train(options: TrainOptions) -> Dict:
         """Batch ``index`` of the stage's generator (resumable: ``PairGenerator.batch_number``)."""
         source, size = ((coarse_generator, coarse["batch_size"]) if index < first_fine_step
                         else (generator, batch_size))
-        return source.batch_number(index, size, options.overfit or None)
+        return dict(source.batch_number(index, size, options.overfit or None),
+                    spacing_mm=source.config.spacing_mm)  # the stage's grid, for the loss_fn
     losses_seen: List[float] = []
     running: Dict[str, float] = {}
     tic = time.perf_counter()
@@ -461,7 +464,7 @@ def train(options: TrainOptions) -> Dict:
         while step < options.iterations:
             batch = batch_at(step)
             batch.update(step=step, iterations=options.iterations, training=True, spec=spec,
-                         config=config)
+                         config=config, working_spacing_mm=spacing)
             total, terms = loss_fn(network, batch["fixed"], batch["moving"], batch)
             optimiser.zero_grad(set_to_none=True)
             total.backward()

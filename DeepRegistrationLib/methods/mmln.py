@@ -423,9 +423,10 @@ def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook: LapIRN's progressive, level-by-level training.
 
-    Which level: a batch on a grid coarser than the working grid (``batch["spacing_mm"]``, a
-    trainer's coarse curriculum stage) trains the level of that grid on it directly -- 8 mm
-    trains level 1, 4 mm level 2 (for the 2 mm working grid); on the working grid the phase
+    Which level: a batch on a grid coarser than the run's working grid (``batch["spacing_mm"]``
+    of a trainer's coarse curriculum stage against ``batch["working_spacing_mm"]``) trains the
+    level of that grid on it directly -- 8 mm trains level 1, 4 mm level 2 (for the 2 mm working
+    grid); on the working grid the phase
     schedule over the run decides (:func:`training_phase`, ``config["phases"]``), the pair
     resampled to the level's grid. The levels below it have ``requires_grad`` off during the
     first ``freeze_fraction`` of the run's steps after the level started (Adam skips parameters
@@ -439,8 +440,8 @@ def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     if not batch.get("training", False) or batch.get("iterations", 0) < 1:
         return level_loss(network, fixed, moving, LEVELS)
     step, iterations = int(batch["step"]), int(batch["iterations"])
-    spec = batch.get("spec")
-    working = getattr(spec, "working_spacing_mm", None)
+    working = batch.get("working_spacing_mm") or getattr(batch.get("spec"),
+                                                         "working_spacing_mm", None)
     input_level = grid_level(batch["spacing_mm"], working) \
         if batch.get("spacing_mm") and working else LEVELS
     if input_level < LEVELS:
