@@ -268,6 +268,12 @@ def test_a_coarse_curriculum_stage_trains_the_level_of_its_grid():
     assert run(62, 2.0) == (3, False, [quarter, half, SHAPE])
     with pytest.raises(UserInputError, match="8, 4, 2 mm"):
         run(70, 6.0)
+    # after a short 8 mm stage the working grid goes on with level 2, not back to level 1
+    network.level_started.clear()
+    assert run(0, 8.0)[:2] == (1, False) and run(9, 8.0)[:2] == (1, False)
+    assert run(10, 2.0) == (2, True, [quarter, half, None])    # the schedule says level 1
+    assert run(12, 2.0) == (2, False, [quarter, half, None])
+    assert run(60, 2.0)[:2] == (3, True)                       # the schedule's own boundary
 
 
 def test_fresh_network_is_the_identity():

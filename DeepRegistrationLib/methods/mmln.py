@@ -352,15 +352,19 @@ def build_network(config: Dict) -> MMLN:
 
 # ------------------------------------------------------------------------------------ training
 def training_phase(step: int, iterations: int, phases: Sequence[float],
-                   freeze_fraction: float, not_before: int = 0) -> Tuple[int, bool]:
+                   freeze_fraction: float, not_before: int = 0,
+                   minimum_level: int = 1) -> Tuple[int, bool]:
     """``(level, frozen)`` at ``step`` of a run of ``iterations``: the level whose loss is
-    trained (phase boundaries at the cumulative ``phases``) and whether the levels below it are
-    still frozen -- the first ``freeze_fraction * iterations`` steps of phases 2 and 3, counted
-    from the phase boundary or from ``not_before`` (the first working-grid step after a coarse
-    curriculum stage), whichever is later."""
+    trained -- phase boundaries at the cumulative ``phases``, but at least ``minimum_level`` (the
+    level after those a coarse curriculum stage trained: the schedule never goes back) -- and
+    whether the levels below it are still frozen: the first ``freeze_fraction * iterations``
+    steps of the level, counted from its phase boundary or from ``not_before`` (the first
+    working-grid step after a coarse stage), whichever is later."""
     boundaries = [round(sum(phases[:i + 1]) * iterations) for i in range(len(phases))]
-    level = next((i + 1 for i, end in enumerate(boundaries) if step < end), len(phases))
-    start = max(boundaries[level - 2] if level > 1 else 0, not_before)
+    scheduled = next((i + 1 for i, end in enumerate(boundaries) if step < end), len(phases))
+    level = min(max(scheduled, minimum_level), len(phases))
+    start = not_before if level > scheduled else \
+        max(boundaries[level - 2] if level > 1 else 0, not_before)
     frozen = level > 1 and step < start + max(int(round(freeze_fraction * iterations)), 0)
     return level, frozen
 
@@ -451,9 +455,11 @@ def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
         frozen = level > 1 and step < started + int(round(network.freeze_fraction * iterations))
         network.level_started["working_grid"] = step + 1
     else:
+        coarse_levels = [k for k in network.level_started if isinstance(k, int)]
         level, frozen = training_phase(step, iterations, network.phases,
                                        network.freeze_fraction,
-                                       network.level_started.get("working_grid", 0))
+                                       network.level_started.get("working_grid", 0),
+                                       max(coarse_levels, default=0) + 1)
     for index, module in enumerate(network.levels):
         module.requires_grad_(index + 1 == level or (index + 1 < level and not frozen))
     total, terms = level_loss(network, fixed, moving, level, input_level)
