@@ -176,6 +176,16 @@ def level_shapes(shape: Sequence[int], levels: int = LEVELS) -> List[Tuple[int, 
     return [tuple(int(n) // 2 ** (levels - 1 - i) for n in shape) for i in range(levels)]
 
 
+def halve(image: torch.Tensor, times: int = 1) -> torch.Tensor:
+    """The image on the grid of the next coarser level (sides halved), ``times`` times: a
+    Gaussian pyramid built level by level (``spatial.resize_image``'s antialiasing), as LapIRN's
+    repeated average pooling -- and at a fraction of the cost of smoothing the full-resolution
+    image for a four-fold reduction at once."""
+    for _ in range(int(times)):
+        image = resize_image(image, tuple(int(n) // 2 for n in image.shape[2:]))
+    return image
+
+
 def to_slices(volume: torch.Tensor) -> torch.Tensor:
     """``(B, C, D, H, W)`` -> ``(B*D, C, H, W)``: every slice along D an item of a 2-D batch."""
     batch, channels, depth, height, width = volume.shape
@@ -276,13 +286,16 @@ class MMLN(nn.Module):
                 levels: int = LEVELS) -> List[Dict[str, torch.Tensor]]:
         """Levels ``1..levels`` for a pair on the grid of level ``levels`` (the working grid for
         the full pyramid; level 1's grid for level 1 alone). Each entry: ``fixed``, ``moving``
-        (the pair on the level's grid), ``inputs`` and ``embedding`` (what the level network saw), ``base``
-        (``up(v_{i-1})``, 0 at level 1), ``increment`` (``delta_i``), ``velocity`` (``v_i``),
-        ``displacement`` (``phi_i = exp(v_i)``) and ``features`` (the embedding for the next
-        level)."""
+        (the pair on the level's grid), ``inputs`` and ``embedding`` (what the level network
+        saw), ``base`` (``up(v_{i-1})``, None at level 1), ``increment`` (``delta_i``),
+        ``velocity`` (``v_i``), ``displacement`` (``phi_i = exp(v_i)``) and ``features`` (the
+        embedding for the next level)."""
         entries: List[Dict[str, torch.Tensor]] = []
-        for index, grid in enumerate(level_shapes(fixed.shape[2:], levels)):
-            fixed_i, moving_i = resize_image(fixed, grid), resize_image(moving, grid)
+        shapes = level_shapes(fixed.shape[2:], levels)
+        images = [(fixed, moving)]  # the image pyramid, finest first
+        for _ in shapes[1:]:
+            images.append((halve(images[-1][0]), halve(images[-1][1])))
+        for index, (grid, (fixed_i, moving_i)) in enumerate(zip(shapes, reversed(images))):
             if not entries:
                 inputs, embedding, base = torch.cat([moving_i, fixed_i], dim=1), None, None
             else:
@@ -385,9 +398,7 @@ def level_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     if not 1 <= level <= input_level <= LEVELS:
         raise ValueError(f"level {level} cannot be trained on the grid of level {input_level}")
     if input_level > level:
-        factor = 2 ** (input_level - level)
-        grid = tuple(int(n) // factor for n in fixed.shape[2:])
-        fixed, moving = resize_image(fixed, grid), resize_image(moving, grid)
+        fixed, moving = halve(fixed, input_level - level), halve(moving, input_level - level)
     entry = network.pyramid(fixed, moving, level)[-1]
     similarity = correlation_coefficient_loss(entry["fixed"],
                                               warp(entry["moving"], entry["displacement"]))
