@@ -82,7 +82,6 @@ DEFAULT_CONFIG = {"variant": "LCD", "coupling": "coupled", "width": 12, "residua
                   "velocity_bound": 16.0, "integration_steps": 7, "smoothness": 1.0,
                   "alpha": ALPHA, "beta": BETA, "theta": THETA, "phases": list(PHASES),
                   "freeze_fraction": FREEZE_FRACTION}
-SLICE_AXIS = 0  # the 2-D branch works on slices along D: (D, H, W) -> D slices of (H, W)
 
 
 def parse_variant(name: str) -> Tuple[str, str]:
