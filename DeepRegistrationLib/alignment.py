@@ -76,6 +76,7 @@ class GlobalAlignment:
     reason: str
     matrix: np.ndarray
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # processor time of all threads (benchmarks on a shared machine)
 
     @property
     def is_identity(self) -> bool:
@@ -183,19 +184,25 @@ def masked(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
 # ----------------------------------------------------------------------------------- moments
 def image_moments(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray, float]:
     """Centre of mass (LPS mm), second central moments (3x3, mm^2) and total mass, the voxel
-    values as weights (as ITK's ``ImageMomentsCalculator``)."""
-    weights = sitk.GetArrayViewFromImage(image).astype(np.float64).ravel()
+    values as weights (as ITK's ``ImageMomentsCalculator``). Computed from the moments of the
+    voxel indices (sums over the marginals, no point list), then mapped to LPS."""
+    weights = sitk.GetArrayViewFromImage(image).astype(np.float64)  # (k, j, i)
     mass = float(weights.sum())
     if not mass > 0:
         raise UserInputError("an image has no positive intensity to compute its centre of mass")
-    shape = image.GetSize()[::-1]
-    k, j, i = (a.ravel() for a in np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape],
-                                              indexing="ij"))
+    k, j, i = (np.arange(n, dtype=np.float64) for n in weights.shape)
+    w_ji, w_ki, w_kj = weights.sum(0), weights.sum(1), weights.sum(2)
+    w_i, w_j, w_k = w_ji.sum(0), w_ji.sum(1), w_kj.sum(1)
+    first = np.array([w_i @ i, w_j @ j, w_k @ k]) / mass            # (i, j, k)
+    second = np.empty((3, 3))
+    second[0, 0], second[1, 1], second[2, 2] = w_i @ i ** 2, w_j @ j ** 2, w_k @ k ** 2
+    second[0, 1] = second[1, 0] = j @ w_ji @ i
+    second[0, 2] = second[2, 0] = k @ w_ki @ i
+    second[1, 2] = second[2, 1] = k @ w_kj @ j
+    index_covariance = second / mass - np.outer(first, first)
     matrix = index_to_physical_matrix(image)
-    points = np.stack([i, j, k], axis=1) @ matrix[:3, :3].T + matrix[:3, 3]
-    centre = weights @ points / mass
-    centred = points - centre
-    covariance = (centred * weights[:, None]).T @ centred / mass
+    centre = matrix[:3, :3] @ first + matrix[:3, 3]
+    covariance = matrix[:3, :3] @ index_covariance @ matrix[:3, :3].T
     return centre, covariance, mass
 
 
@@ -282,13 +289,15 @@ def foreground_dice(fixed_mask: sitk.Image, moving_mask: sitk.Image,
 
 
 # ---------------------------------------------------------------------------- optimisation
-def isotropic(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """``image`` on an isotropic ``spacing_mm`` grid with its own direction and extent (smoothed
-    first when shrinking); unchanged when it is already that coarse."""
-    from .sample_data import resample_isotropic
-    if min(image.GetSpacing()) >= spacing_mm * 0.999 and max(image.GetSpacing()) <= spacing_mm * 1.001:
-        return image
-    return resample_isotropic(image, spacing_mm)
+def coarser(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """``image`` shrunk to about ``spacing_mm`` per axis by averaging whole bins of voxels
+    (``sitk.BinShrink``: the box average is the anti-aliasing, one cheap pass over the image);
+    an axis already that coarse is kept."""
+    factors = [max(int(round(spacing_mm / s)), 1) for s in image.GetSpacing()]
+    factors = [min(f, max(n // 4, 1)) for f, n in zip(factors, image.GetSize())]
+    if all(f == 1 for f in factors):
+        return sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
 
 
 def cropped_to(image: sitk.Image, box_min: np.ndarray, box_max: np.ndarray) -> sitk.Image:
@@ -325,8 +334,8 @@ class _Level:
     fixed: torch.Tensor          # (1, C, D, H, W) fixed intensities or MIND descriptors
     points: torch.Tensor         # (D, H, W, 3) fixed LPS points minus the centre
     moving: torch.Tensor         # (1, C, d, h, w)
-    to_moving_index: torch.Tensor  # (3, 4): LPS point -> moving (i, j, k)
-    moving_size: torch.Tensor    # (3,) (i, j, k) sizes
+    to_grid: torch.Tensor        # (3, 4): LPS point -> moving normalised (x, y, z) = (i, j, k)
+    grid_limit: torch.Tensor     # (3,) |normalised| beyond this is outside the moving image
     fixed_statistics: Optional[tuple] = None
 
 
@@ -337,18 +346,13 @@ def _tensor(image: sitk.Image) -> torch.Tensor:
 def build_levels(fixed: sitk.Image, moving: sitk.Image, centre: np.ndarray, similarity: str,
                  fixed_box: Tuple[np.ndarray, np.ndarray],
                  levels_mm: Sequence[float]) -> List[_Level]:
-    """The pyramid (coarse to fine): each image on its own grid at each level's spacing, the
-    fixed one cropped to its foreground's box (where the similarity is measured). Each level is
-    made from the next finer one, so the full-resolution images are smoothed only once."""
-    fixed_images, moving_images = {}, {}
-    fixed_source, moving_source = cropped_to(fixed, *fixed_box), moving
-    for spacing in sorted(levels_mm):
-        fixed_source = fixed_images[spacing] = isotropic(fixed_source, spacing)
-        moving_source = moving_images[spacing] = isotropic(moving_source, spacing)
+    """The pyramid (coarse to fine): each image on its own grid at about each level's spacing
+    (:func:`coarser`), intensities normalised per level, the fixed one cropped to its
+    foreground's box (where the similarity is measured)."""
     levels = []
     for spacing in levels_mm:
-        fixed_level = cropped_to(fixed_images[spacing], *fixed_box)
-        moving_level = moving_images[spacing]
+        fixed_level = normalised(cropped_to(coarser(fixed, spacing), *fixed_box))
+        moving_level = normalised(coarser(moving, spacing))
         matrix = index_to_physical_matrix(fixed_level)
         shape = fixed_level.GetSize()[::-1]
         k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape],
@@ -362,21 +366,23 @@ def build_levels(fixed: sitk.Image, moving: sitk.Image, centre: np.ndarray, simi
             fixed_tensor, moving_tensor = mind_ssc(fixed_tensor), mind_ssc(moving_tensor)
         else:
             statistics = local_statistics(fixed_tensor, LNCC_WINDOW)
+        # LPS point -> grid_sample's normalised (x, y, z) of the moving image, in one matrix
+        size = np.array(moving_level.GetSize(), dtype=np.float64)
+        scale = 2.0 / np.maximum(size - 1.0, 1.0)
+        to_grid = np.c_[scale[:, None] * inverse[:, :3], scale * inverse[:, 3] - 1.0]
         levels.append(_Level(spacing, fixed_tensor, points.float(), moving_tensor,
-                             torch.from_numpy(inverse).float(),
-                             torch.tensor(moving_level.GetSize(), dtype=torch.float32),
-                             statistics))
+                             torch.from_numpy(to_grid).float(),
+                             torch.from_numpy(1.0 + scale / 2.0).float(), statistics))
     return levels
 
 
 def _warped_moving(level: _Level, linear: torch.Tensor, offset: torch.Tensor):
     """The moving image at ``linear @ p + offset`` for every fixed point ``p`` (centred), and
-    the mask of points that fall inside the moving image."""
-    moved = level.points @ linear.T + offset                       # LPS points minus nothing
-    index = moved @ level.to_moving_index[:, :3].T + level.to_moving_index[:, 3]
-    size = level.moving_size
-    inside = ((index >= -0.5) & (index <= size - 0.5)).all(-1)
-    grid = index * (2.0 / (size - 1).clamp_min(1.0)) - 1.0
+    the mask of points that fall inside the moving image (half a voxel past the corner
+    centres, as ITK's resampler)."""
+    to_grid = level.to_grid[:, :3] @ linear
+    grid = level.points @ to_grid.T + (level.to_grid[:, :3] @ offset + level.to_grid[:, 3])
+    inside = (grid.abs() <= level.grid_limit).all(-1)
     warped = F.grid_sample(level.moving, grid[None], mode="bilinear", padding_mode="zeros",
                            align_corners=ALIGN_CORNERS)
     return warped, inside[None, None]
@@ -514,18 +520,19 @@ def global_alignment(fixed: sitk.Image, moving: sitk.Image, initial: str = "auto
     LPS point to a moving one. Raises :class:`UserInputError` for an unknown mode, foregrounds
     that do not overlap after moments, or a degenerate affine.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     scope = progress or ProgressScope()
     if initial not in INITIAL_MODES:
         raise UserInputError(f"unknown --initial '{initial}'; choose one of "
                              f"{', '.join(INITIAL_MODES)}")
     if initial == "none":
         return GlobalAlignment("none", "none", "requested", np.eye(4),
-                               time.perf_counter() - started)
+                               time.perf_counter() - started,
+                               time.process_time() - cpu_started)
     scope.report(0.0, "global alignment", "centres of mass and principal axes")
     coarse = LEVELS_MM[0]
-    fixed_coarse = normalised(isotropic(fixed, coarse / 2))
-    moving_coarse = normalised(isotropic(moving, coarse / 2))
+    fixed_coarse = normalised(coarser(fixed, coarse / 2))
+    moving_coarse = normalised(coarser(moving, coarse / 2))
     fixed_mask, moving_mask = foreground_mask(fixed_coarse), foreground_mask(moving_coarse)
     moments = compute_moments(masked(fixed_coarse, fixed_mask), masked(moving_coarse, moving_mask))
     identity_dice, _ = foreground_dice(fixed_mask, moving_mask, np.eye(4))
@@ -544,12 +551,12 @@ def global_alignment(fixed: sitk.Image, moving: sitk.Image, initial: str = "auto
                   f"{AUTO_MIN_DICE:g})")
         if aligned:
             return GlobalAlignment(initial, "none", reason, np.eye(4),
-                                   time.perf_counter() - started)
+                                   time.perf_counter() - started,
+                                   time.process_time() - cpu_started)
     else:
         reason = f"requested; {facts}"
 
     measure = _similarity_for(similarity)
-    fixed_full, moving_full = normalised(fixed), normalised(moving)
     fixed_box = mask_box(fixed_mask, FOREGROUND_MARGIN_MM)
     # every level keeps at least MIN_LEVEL_VOXELS across the fixed foreground's box (small
     # images get fewer, finer levels), and none is finer than the fixed image
@@ -558,7 +565,7 @@ def global_alignment(fixed: sitk.Image, moving: sitk.Image, initial: str = "auto
     levels_mm = [s for s in LEVELS_MM if finest * 1.001 < s <= extent / MIN_LEVEL_VOXELS] \
         + [finest]
     centre = moments.fixed_centre
-    levels = build_levels(fixed_full, moving_full, centre, measure, fixed_box, levels_mm)
+    levels = build_levels(fixed, moving, centre, measure, fixed_box, levels_mm)
     # the principal-axes rotation only when it matches the images better than centring alone
     candidates = [moments.matrix(False)] + ([moments.matrix(True)] if moments.axes_defined
                                             and moments.rotation_degrees > 0.5 else [])
@@ -594,4 +601,5 @@ def global_alignment(fixed: sitk.Image, moving: sitk.Image, initial: str = "auto
         matrix = centred_matrix(linear, centre, translation)
         _check_determinant(matrix, used)
     scope.report(1.0, "global alignment", f"{used} done")
-    return GlobalAlignment(initial, used, reason, matrix, time.perf_counter() - started)
+    return GlobalAlignment(initial, used, reason, matrix, time.perf_counter() - started,
+                           time.process_time() - cpu_started)
