@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .alignment import foreground_mask
 from .images import index_to_physical_matrix
-from .spatial import ALIGN_CORNERS, gaussian_smooth, identity_grid
+from .spatial import ALIGN_CORNERS, gaussian_smooth
 
 DEFAULT_MARGIN_MM = 10.0
 ORDER_KJI = [2, 1, 0, 3]  # (i, j, k, 1) <-> (k, j, i, 1) in 4x4 matrices
@@ -115,15 +115,18 @@ class CanonicalFrame:
     def _sample_grid(matrix: np.ndarray, out_shape: Sequence[int], in_shape: Sequence[int],
                      like: torch.Tensor) -> torch.Tensor:
         """``grid_sample`` grid ``(1, *out_shape, 3)`` reading the input grid at ``matrix`` @
-        (output voxel index), both (k, j, i)."""
-        transform = torch.from_numpy(matrix).to(device=like.device, dtype=torch.float64)
-        points = identity_grid(out_shape, like.device, torch.float64)[0]   # (3, D, H, W)
-        index = torch.einsum("ij,j...->i...", transform[:3, :3], points) \
-            + transform[:3, 3].view(3, 1, 1, 1)
-        scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape], dtype=torch.float64,
-                             device=like.device).view(3, 1, 1, 1)
-        normalised = (index * scale - 1.0).to(like.dtype)
-        return normalised.flip(0).permute(1, 2, 3, 0)[None]  # (x, y, z) = (i, j, k) last
+        (output voxel index), both (k, j, i). Built by broadcasting three axis vectors, so only
+        the grid itself is allocated (a 1 mm head: no extra copies of a 16M-voxel grid)."""
+        scale = np.array([2.0 / max(n - 1, 1) for n in in_shape])
+        normalised = np.diag(scale) @ np.asarray(matrix, dtype=np.float64)[:3]  # index -> [-1, 1]
+        normalised[:, 3] -= 1.0
+        axes = [torch.arange(n, device=like.device, dtype=like.dtype) for n in out_shape]
+        grid = torch.empty((1, *out_shape, 3), device=like.device, dtype=like.dtype)
+        for channel, row in zip((2, 1, 0), normalised):  # grid_sample's (x, y, z) = (i, j, k)
+            grid[0, ..., channel] = (float(row[0]) * axes[0].view(-1, 1, 1)
+                                     + float(row[1]) * axes[1].view(1, -1, 1)
+                                     + float(row[2]) * axes[2].view(1, 1, -1) + float(row[3]))
+        return grid
 
 
 def _grid_frame(geometry: sitk.Image, direction: np.ndarray, spacing: np.ndarray,
@@ -190,7 +193,8 @@ def canonical_frame(fixed: torch.Tensor, moving: torch.Tensor, geometry: sitk.Im
     at ``working_spacing_mm``, framing the union of both foregrounds plus ``margin_mm``, each
     side a multiple of ``multiple`` (see the module docstring)."""
     whole = whole_image_frame(geometry, working_spacing_mm)
-    on_grid = [whole.to_canvas(image) for image in (fixed, moving)]
+    # for the masks only: no anti-aliasing needed (run_network smooths when it fills the canvas)
+    on_grid = [whole.to_canvas(image, antialias=False) for image in (fixed, moving)]
     box = foreground_box(on_grid, whole.spacing)
     if box is None:  # no foreground at all: frame the whole image
         box = (np.zeros(3), np.array(whole.size, dtype=np.float64) - 1)
