@@ -1,9 +1,12 @@
 """``register(fixed, moving, method)``: the one entry point every caller uses.
 
-Data flow: the moving image is resampled into the fixed image's physical frame (identity
-transform), both are intensity-normalised, the method returns a displacement on the fixed grid,
-optional instance optimisation refines it, and the result keeps the original images so outputs
-resample the *original* moving image once, through the final field.
+Data flow: the global stage (``alignment.global_alignment``: none, moments, rigid or affine; by
+default ``auto``) finds ``T`` (LPS, fixed point -> moving point); the moving image is resampled
+into the fixed image's frame through ``T``, both are intensity-normalised, the method returns the
+deformable displacement ``d`` on the fixed grid (a network sees the pair in the canonical
+orientation and framing, ``canonical.py``), optional instance optimisation refines it, and the
+result's displacement is the composition ``x -> T(x + d(x))``. The result keeps the original
+images so outputs resample the *original* moving image once, through that total field.
 """
 from __future__ import annotations
 
