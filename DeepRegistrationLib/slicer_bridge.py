@@ -39,9 +39,40 @@ REQUIRED_MODULES = {
     "torch": "torch>=2.0",
 }
 
-#: The similarity choices offered in the module (each is accepted by ``register --similarity``).
-SIMILARITIES = ("lncc", "mind", "ncc", "mse")
-DEVICES = ("cpu", "cuda")
+#: The choices the module offers, as (command-line token, what a clinician reads). Each token is
+#: accepted by ``register``; the first entry of a list is the module's default.
+SIMILARITY_CHOICES = (
+    ("lncc", "Same contrast (local correlation)"),
+    ("mind", "Different contrasts (MIND)"),
+    ("mi", "Different contrasts (mutual information)"),
+    ("ngf", "Different contrasts (edges, NGF)"),
+    ("ncc", "Same contrast (global correlation)"),
+    ("mse", "Same contrast and intensities (squared difference)"),
+)
+DEVICE_CHOICES = (
+    ("cpu", "CPU"),
+    ("cuda", "GPU (NVIDIA CUDA)"),
+)
+#: ``register --initial``: the global (affine) stage run before the deformable one.
+INITIAL_CHOICES = (
+    ("auto", "Automatic"),
+    ("none", "None (already aligned)"),
+    ("moments", "Centre and axes (moments)"),
+    ("rigid", "Rigid"),
+    ("affine", "Affine"),
+)
+#: The command line's own default for ``--initial`` (left out of the command when chosen, so a
+#: library without the option still runs).
+DEFAULT_INITIAL = "auto"
+
+SIMILARITIES = tuple(token for token, _ in SIMILARITY_CHOICES)
+DEVICES = tuple(token for token, _ in DEVICE_CHOICES)
+INITIALS = tuple(token for token, _ in INITIAL_CHOICES)
+
+
+def choice_label(choices: Sequence[Tuple[str, str]], token: str) -> str:
+    """The readable label of ``token`` in a ``*_CHOICES`` list (the token itself if unknown)."""
+    return dict(choices).get(token, str(token))
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -135,11 +166,12 @@ def build_register_command(python_executable: str, fixed_path: str, moving_path:
                            regularization: Optional[float] = None,
                            fixed_labels: Optional[str] = None,
                            moving_labels: Optional[str] = None,
-                           figure: bool = True) -> List[str]:
+                           figure: bool = True, initial: Optional[str] = None) -> List[str]:
     """The argument list of ``python -m DeepRegistrationLib register ... --progress-json``.
 
     Paths are made absolute (so none can be mistaken for an option). ``similarity``, ``device``
-    and ``regularization`` are left out when None, which keeps the method's defaults.
+    and ``regularization`` are left out when None, which keeps the method's defaults; so is
+    ``initial`` when None or the command line's default ("auto").
     ``figure=False`` adds ``--no-figure`` (no qa.png, and no matplotlib needed).
     """
     if not method:
@@ -164,6 +196,10 @@ def build_register_command(python_executable: str, fixed_path: str, moving_path:
         command += ["--fixed-labels", os.path.abspath(fixed_labels)]
     if moving_labels:
         command += ["--moving-labels", os.path.abspath(moving_labels)]
+    if initial and initial != DEFAULT_INITIAL:
+        if initial not in INITIALS:
+            raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
+        command += ["--initial", str(initial)]
     if not figure:
         command.append("--no-figure")
     command.append("--progress-json")
@@ -268,34 +304,138 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+#: One plain line per known method, for a clinician (the library's own descriptions are written
+#: for engineers). Methods not listed fall back to the first sentence of their description.
+PLAIN_DESCRIPTIONS = {
+    "io": "Fits a smooth, fold-free deformation to this pair; needs no training and works on "
+          "any anatomy.",
+    "vm-diff": "A trained network predicts a smooth deformation in one pass (fast).",
+    "vtn": "A trained network aligns the images globally, then refines the deformation in "
+           "three steps (fast).",
+    "r2net-svf": "A trained network whose deformations are smooth and invertible by design "
+                 "(fast).",
+    "r2net-nsvf": "A trained network whose deformations are smooth and invertible by design; "
+                  "time-varying variant (fast).",
+    "ms-r2net": "The invertible R2Net network run on parts of the image and on the whole, then "
+                "combined (slower).",
+}
+
+#: What a training source shows, for the "seen anatomy" line of a model card.
+SOURCE_ANATOMY = {
+    "mni152": "brain MRI (T1, skull stripped)",
+    "pydeface": "head MRI with skull and face (T1)",
+    "itk-t1": "head MRI (T1)",
+    "invesalius-ct": "head CT",
+}
+
+
+def method_short_name(info: Mapping[str, Any]) -> str:
+    """A short name for the method selector: the title up to its first parenthesis."""
+    title = str(info.get("title") or info.get("name") or "")
+    short = title.split(" (", 1)[0].strip()
+    return short or str(info.get("name", ""))
+
+
+def method_plain_description(info: Mapping[str, Any]) -> str:
+    """One plain sentence on what the method does."""
+    name = str(info.get("name", ""))
+    if name in PLAIN_DESCRIPTIONS:
+        return PLAIN_DESCRIPTIONS[name]
+    text = str(info.get("description") or "").strip()
+    if not text:
+        return ""
+    sentence = text.split(". ", 1)[0].split("; ", 1)[0].rstrip(".")
+    return sentence + "."
+
+
+def _date(value) -> str:
+    text = str(value or "")
+    return text.split("T", 1)[0]
+
+
+def model_card_lines(card: Optional[Mapping[str, Any]]) -> List[Tuple[str, str]]:
+    """(label, text) lines a clinician can read from a checkpoint's model card: training data,
+    seen anatomy, training steps, validation Dice, date. Keys a card lacks are left out; nothing
+    of the raw card (configurations, commands, synthetic-data settings) is shown."""
+    if not isinstance(card, Mapping) or not card:
+        return []
+    lines: List[Tuple[str, str]] = []
+    data = card.get("data") if isinstance(card.get("data"), Mapping) else {}
+    sources = [s for s in (data.get("sources") or []) if isinstance(s, Mapping)]
+    if sources:
+        names = []
+        for source in sources:
+            name = str(source.get("name", "?"))
+            names.append(name.upper() if name == "mni152" else name)
+        synthetic = " (synthetic deformations)" if data.get("synth_config") else ""
+        lines.append(("Trained on", ", ".join(names) + synthetic))
+        seen = []
+        for source in sources:
+            name = str(source.get("name", "?"))
+            text = SOURCE_ANATOMY.get(name) or " ".join(
+                str(v) for v in (name, source.get("modality")) if v)
+            if text not in seen:
+                seen.append(text)
+        lines.append(("Seen anatomy", "; ".join(seen)))
+    training = card.get("training") if isinstance(card.get("training"), Mapping) else {}
+    steps = training.get("run_iterations", training.get("iterations", card.get("iterations")))
+    if isinstance(steps, (int, float)) and not isinstance(steps, bool):
+        lines.append(("Training steps", f"{int(steps)}"))
+    validation = card.get("validation") if isinstance(card.get("validation"), Mapping) else {}
+    before = (validation.get("identity") or {}).get("dice") \
+        if isinstance(validation.get("identity"), Mapping) else None
+    after = (validation.get("metrics") or {}).get("dice") \
+        if isinstance(validation.get("metrics"), Mapping) else None
+    if after is not None:
+        cases = validation.get("cases")
+        count = len(cases) if isinstance(cases, (list, tuple)) else cases
+        where = f" ({count} synthetic pairs)" if isinstance(count, int) else ""
+        text = f"{_fmt(before, 2)} \u2192 {_fmt(after, 2)}" if before is not None else _fmt(after, 2)
+        lines.append(("Validation Dice", text + where))
+    if card.get("created"):
+        lines.append(("Date", _date(card["created"])))
+    return lines
+
+
 def method_description_html(info: Mapping[str, Any]) -> str:
-    """Rich text for the label under the method selector (title, paper, card, time)."""
-    parts = [f"<b>{_escape(info.get('title') or info.get('name', ''))}</b>"]
-    if info.get("description"):
-        parts.append(_escape(info["description"]))
-    if info.get("paper"):
-        parts.append(f"Paper: {_escape(info['paper'])}")
+    """Rich text under the method selector: a plain description, the estimated time and the
+    curated model card (see :func:`model_card_lines`). Short lines, so that the Slicer side
+    panel does not have to grow."""
+    parts = []
+    description = method_plain_description(info)
+    if description:
+        parts.append(_escape(description))
     estimates = info.get("estimated_seconds") or {}
     if isinstance(estimates, Mapping) and estimates:
-        parts.append("Estimated time: " + ", ".join(
-            f"{format_seconds(v)} at {_escape(k)}" for k, v in estimates.items()
-            if isinstance(v, (int, float))))
-    card = info.get("model_card")
-    if isinstance(card, Mapping) and card:
-        shown = []
-        for key in ("data", "iterations", "metrics", "version"):
-            if key in card:
-                value = card[key]
-                if isinstance(value, Mapping):
-                    value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
-                shown.append(f"{key}: {_escape(value)}")
-        if shown:
-            parts.append("Model card: " + "; ".join(shown))
-    if info.get("checkpoint"):
-        parts.append(f"Checkpoint: {_escape(os.path.basename(str(info['checkpoint'])))}")
+        times = [f"{format_seconds(v)} at {_escape(k)}" for k, v in estimates.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if times:
+            parts.append("Typical time on a CPU: " + ", ".join(times))
+    card = dict(model_card_lines(info.get("model_card")))
+    if "Trained on" in card:
+        training = [card["Trained on"]]
+        if "Training steps" in card:
+            training.append(f"{card['Training steps']} steps")
+        if "Date" in card:
+            training.append(card["Date"])
+        parts.append("Trained on " + _escape(", ".join(training)))
+    for label in ("Seen anatomy", "Validation Dice"):
+        if label in card:
+            parts.append(f"{label}: {_escape(card[label])}")
     if info.get("available") is False:
-        parts.append("<span style='color:#b00'>Not available: no checkpoint (train it first).</span>")
+        parts.append("<span style='color:#b00'>Not available: its trained weights are not "
+                     "installed.</span>")
+    if not parts:
+        parts.append(f"<b>{_escape(method_short_name(info))}</b>")
     return "<br>".join(parts)
+
+
+def method_tooltip(info: Mapping[str, Any]) -> str:
+    """The full title and paper, for the selector's tooltip (kept out of the panel)."""
+    parts = [str(info.get("title") or info.get("name", ""))]
+    if info.get("paper"):
+        parts.append(f"Paper: {info['paper']}")
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- results table
@@ -318,18 +458,55 @@ def _before_after(before, after) -> str:
     return f"{_fmt(before)} \u2192 {_fmt(after)}"
 
 
+#: Row labels shared by the panel's table, the table node and the tests.
+FOLDING_STRICT_LABEL = "Folding, strict (any one-sided det J \u2264 0)"
+FOLDING_CENTRAL_LABEL = "Folding, central differences (ITK/Learn2Reg-comparable)"
+
+
+def _folding_text(percent, voxels) -> str:
+    value = f"{_fmt(percent)} %"
+    if voxels is not None:
+        value += f" ({_fmt(voxels)} voxels)"
+    return value
+
+
+def initial_stage_text(summary: Mapping[str, Any]) -> Optional[str]:
+    """What the global stage did, e.g. "Rigid (asked: Automatic; 1.2 s)", or None when the
+    summary has no ``initial`` entry (older outputs)."""
+    initial = summary.get("initial")
+    if not isinstance(initial, Mapping):
+        return None
+    used = initial.get("used")
+    text = choice_label(INITIAL_CHOICES, str(used)) if used else "n/a"
+    details = []
+    requested = initial.get("requested")
+    if requested and requested != used:
+        details.append(f"asked: {choice_label(INITIAL_CHOICES, str(requested))}")
+    if initial.get("reason"):
+        details.append(str(initial["reason"]))
+    if isinstance(initial.get("seconds"), (int, float)):
+        details.append(f"{float(initial['seconds']):.1f} s")
+    return text + (f" ({'; '.join(details)})" if details else "")
+
+
 def results_table_rows(summary: Mapping[str, Any],
                        label_names: Optional[Mapping[str, str]] = None) -> List[Tuple[str, str]]:
     """(measure, value) rows of the results table, from ``summary.json``.
 
     Missing keys are skipped, so older or partial summaries still display. ``label_names`` maps a
-    label value (as a string) to a name shown instead of ``label N``.
+    label value (as a string) to a name shown instead of ``label N``. Folding is given twice when
+    the summary has both: the strict figure (a voxel folds when any of its one-sided
+    finite-difference Jacobians has det <= 0, which odd-even folds cannot hide from) and the
+    central-difference figure that ITK and Learn2Reg report.
     """
     rows: List[Tuple[str, str]] = []
     names = {str(k): str(v) for k, v in (label_names or {}).items()}
     if "method" in summary:
         version = f" (DeepRegistrationLib {summary['version']})" if summary.get("version") else ""
         rows.append(("Method", f"{summary['method']}{version}"))
+    initial = initial_stage_text(summary)
+    if initial:
+        rows.append(("Global alignment", initial))
     if "runtime_seconds" in summary:
         device = f" on {summary['device']}" if summary.get("device") else ""
         rows.append(("Runtime", f"{float(summary['runtime_seconds']):.1f} s{device}"))
@@ -339,21 +516,26 @@ def results_table_rows(summary: Mapping[str, Any],
         metric = summary.get("similarity_metric") or "similarity"
         rows.append((f"Similarity ({metric}) before \u2192 after",
                      _before_after(summary.get("similarity_before"), summary.get("similarity_after"))))
+    if "folding_percent_strict" in summary:
+        rows.append((FOLDING_STRICT_LABEL, _folding_text(summary["folding_percent_strict"],
+                                                         summary.get("folded_voxels_strict"))))
     if "folding_percent" in summary:
-        value = f"{_fmt(summary['folding_percent'])} %"
-        if "folded_voxels" in summary:
-            value += f" ({_fmt(summary['folded_voxels'])} voxels)"
-        rows.append(("Folding (det J \u2264 0)", value))
+        rows.append((FOLDING_CENTRAL_LABEL, _folding_text(summary["folding_percent"],
+                                                          summary.get("folded_voxels"))))
+    if "jacobian_min_strict" in summary:
+        rows.append(("Smallest det J, strict", _fmt(summary["jacobian_min_strict"])))
     if "jacobian_min" in summary or "jacobian_max" in summary:
-        rows.append(("Jacobian determinant min / max",
+        rows.append(("det J min / max (central)",
                      f"{_fmt(summary.get('jacobian_min'))} / {_fmt(summary.get('jacobian_max'))}"))
     if "sdlogj" in summary:
         rows.append(("SD of log Jacobian", _fmt(summary["sdlogj"])))
     worst = summary.get("worst_folding")
-    if isinstance(worst, Mapping) and "point_lps" in worst:
+    if isinstance(worst, Mapping) and worst.get("point_lps") is not None:
         r, a, s = lps_to_ras(worst["point_lps"])
-        rows.append(("Smallest det J (RAS mm)",
-                     f"{_fmt(worst.get('determinant'))} at ({r:.1f}, {a:.1f}, {s:.1f})"))
+        value = f"det J {_fmt(worst.get('determinant'))}"
+        if worst.get("determinant_central") is not None:
+            value += f" (central {_fmt(worst.get('determinant_central'))})"
+        rows.append(("Worst folding at (RAS mm)", f"({r:.1f}, {a:.1f}, {s:.1f}): {value}"))
     dice = summary.get("dice")
     if isinstance(dice, Mapping):
         def order(key):
@@ -369,6 +551,34 @@ def results_table_rows(summary: Mapping[str, Any],
         rows.append(("Mean Dice", _before_after(summary.get("mean_dice_before"),
                                                 summary.get("mean_dice_after"))))
     return rows
+
+
+def key_figures(summary: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """The few figures shown at the top of the results: Dice before and after, folding (strict,
+    and the central-difference figure others report), run time."""
+    figures: List[Tuple[str, str]] = []
+    if not summary:
+        return figures
+    if "mean_dice_before" in summary or "mean_dice_after" in summary:
+        figures.append(("Dice", _before_after(summary.get("mean_dice_before"),
+                                              summary.get("mean_dice_after"))))
+    if "folding_percent_strict" in summary:
+        text = f"{_fmt(summary['folding_percent_strict'], 3)} % strict"
+        if "folding_percent" in summary:
+            text += f", {_fmt(summary['folding_percent'], 3)} % central"
+        figures.append(("Folding", text))
+    elif "folding_percent" in summary:
+        figures.append(("Folding", f"{_fmt(summary['folding_percent'], 3)} % (central)"))
+    if "runtime_seconds" in summary:
+        device = f" ({summary['device']})" if summary.get("device") else ""
+        figures.append(("Run time", f"{format_seconds(summary['runtime_seconds'])}{device}"))
+    return figures
+
+
+def key_figures_html(summary: Mapping[str, Any]) -> str:
+    """:func:`key_figures` as compact rich text for a label."""
+    return "<br>".join(f"<b>{_escape(label)}:</b> {_escape(value)}"
+                       for label, value in key_figures(summary))
 
 
 def worst_folding_ras(summary: Mapping[str, Any]) -> Optional[List[float]]:
@@ -392,6 +602,77 @@ def segment_label_values(fixed_names: Sequence[str],
         if name not in values:
             values[name] = len(values) + 1
     return values
+
+
+def resample_labels_onto(labels_path: str, reference_path: str, output_path: str) -> None:
+    """Resample a label map file onto the voxel grid of ``reference_path`` (nearest neighbour,
+    identity in physical space, label values kept, 0 outside) and write it to ``output_path``.
+
+    Both files are in world coordinates (the module exports them with their parent transforms
+    hardened). SimpleITK is imported here only: Slicer bundles it, and the module needs it only
+    when a label map is not on its volume's grid.
+    """
+    import SimpleITK as sitk
+
+    labels = sitk.ReadImage(os.fspath(labels_path))
+    reference = sitk.ReadImage(os.fspath(reference_path))
+    resampled = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                              labels.GetPixelID())
+    sitk.WriteImage(resampled, os.fspath(output_path), True)
+
+
+def folding_mask_from_jacobian(determinant: np.ndarray) -> np.ndarray:
+    """UInt8 mask of det J <= 0, for outputs written before the command line wrote its strict
+    ``folding.nii.gz`` (central differences only: it can miss odd-even folds)."""
+    return (np.asarray(determinant) <= 0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- demo data
+#: The demo pair the module registers with Slicer's Sample Data module: files shipped in
+#: ``DeepRegistration/Resources/SampleData`` (made by ``make_sample_data.py`` there), in the
+#: order fixed volume, moving volume, fixed segmentation, moving segmentation.
+DEMO_SAMPLE_NAME = "DeepRegistrationDemo"
+DEMO_FILES = (
+    ("DeepRegistrationDemo_fixed.nii.gz", "Demo fixed (MNI152)", "VolumeFile",
+     "SHA256:8879dc36d9faee980f10509dc5a7f464306c6c4d713d1f5d5824a90b653801ad"),
+    ("DeepRegistrationDemo_moving.nii.gz", "Demo moving (deformed MNI152)", "VolumeFile",
+     "SHA256:7eec2cd24ec90dc6f1eb865c1639c3addfaf0ca6de056ce42b2d522be29321c2"),
+    ("DeepRegistrationDemo_fixed_tissues.seg.nrrd", "Demo fixed tissues", "SegmentationFile",
+     "SHA256:d11eec65b7410505bc2128dbaf1af49459bc485f7df86ef82fbd45ae459657eb"),
+    ("DeepRegistrationDemo_moving_tissues.seg.nrrd", "Demo moving tissues", "SegmentationFile",
+     "SHA256:79981f5fd49bbee0c3244ac65461883988fba3b84f86ab0c71d14d358bab826d"),
+)
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, as Slicer's Sample Data module checks it ("SHA256:<hex>")."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "SHA256:" + digest.hexdigest()
+
+
+def pick_inputs(volume_names: Sequence[str]) -> Tuple[Optional[int], Optional[int]]:
+    """Indices of the volumes to preselect as (fixed, moving) among ``volume_names``: the demo
+    pair when it is loaded, else the first two volumes."""
+    names = list(volume_names)
+    demo = [DEMO_FILES[0][1], DEMO_FILES[1][1]]
+    if all(name in names for name in demo):
+        return names.index(demo[0]), names.index(demo[1])
+    fixed = 0 if names else None
+    moving = 1 if len(names) > 1 else None
+    return fixed, moving
+
+
+def pick_labels(names: Sequence[str], volume_name: str) -> Optional[int]:
+    """Index of the label node to preselect for ``volume_name`` (only for the demo pair, whose
+    segmentations are known to belong to its volumes)."""
+    pairs = {DEMO_FILES[0][1]: DEMO_FILES[2][1], DEMO_FILES[1][1]: DEMO_FILES[3][1]}
+    wanted = pairs.get(volume_name)
+    return list(names).index(wanted) if wanted in names else None
 
 
 # ----------------------------------------------------------------------------- QA images
@@ -599,6 +880,30 @@ class RegistrationProcess:
         self.cancel_requested = True
         self._signal_tree(graceful=False)
         self._killed = True
+
+    def stop_now(self, grace_seconds: float = 3.0) -> None:
+        """Stop the process tree and wait for it here, without an event loop: for scene close and
+        application exit, where spinning the loop would run other handlers mid-teardown.
+        SIGTERM first (a clean cancel), SIGKILL after ``grace_seconds``."""
+        if self.process is None:
+            self.cancel_requested = True
+            return
+        if self.process.poll() is None:
+            self.cancel()
+            try:
+                self.process.wait(timeout=grace_seconds)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        if os.name != "nt" and not self._killed:
+            # the launcher may have exited before its children: end what is left of the group
+            self._signal_tree(graceful=False)
+            self._killed = True
+        for thread in self._threads:
+            thread.join(timeout=1.0)
 
     def _alive_threads(self) -> bool:
         return any(t.is_alive() for t in self._threads)

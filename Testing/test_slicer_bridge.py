@@ -145,6 +145,10 @@ def test_build_register_command_content(tmp_path):
     assert all(isinstance(part, str) for part in command)
     command = bridge.build_register_command("python", "/a", "/b", "/o", "io", figure=False)
     assert command[-2:] == ["--no-figure", "--progress-json"]
+    # the global stage: the command line's default is left out (a library without --initial runs)
+    assert "--initial" not in bridge.build_register_command("python", "/a", "/b", "/o", "io", initial="auto")
+    command = bridge.build_register_command("python", "/a", "/b", "/o", "io", initial="rigid")
+    assert command[command.index("--initial") + 1] == "rigid"
 
 
 def test_build_register_command_leaves_out_defaults():
@@ -158,7 +162,7 @@ def test_build_register_command_leaves_out_defaults():
     assert command[command.index("--regularization") + 1] == "0.0"
 
 
-@pytest.mark.parametrize("kwargs", [dict(method=""), dict(refine=-1),
+@pytest.mark.parametrize("kwargs", [dict(method=""), dict(refine=-1), dict(initial="sideways"),
                                     dict(regularization=float("nan")), dict(regularization=-1.0)])
 def test_build_register_command_rejects_bad_values(kwargs):
     arguments = dict(python_executable="python", fixed_path="/a", moving_path="/b",
@@ -173,9 +177,9 @@ def test_the_command_line_accepts_the_built_command(tmp_path):
     input file (exit 2, one line), not on the arguments."""
     command = bridge.build_register_command(
         sys.executable, str(tmp_path / "missing_fixed.nii.gz"), str(tmp_path / "missing.nii.gz"),
-        str(tmp_path / "out"), "io", refine=3, similarity="lncc", device="cpu",
+        str(tmp_path / "out"), "io", refine=3, similarity="mind", device="cpu",
         regularization=1.5, fixed_labels=str(tmp_path / "fl.nii.gz"),
-        moving_labels=str(tmp_path / "ml.nii.gz"), figure=False)
+        moving_labels=str(tmp_path / "ml.nii.gz"), figure=False, initial="affine")
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                env=bridge.subprocess_environment(None, bridge.library_root()))
     assert completed.returncode == 2, completed.stderr
@@ -194,8 +198,11 @@ def test_the_command_line_offers_the_modules_choices():
     text = completed.stdout
     for similarity in bridge.SIMILARITIES:
         assert similarity in text
+    for initial in bridge.INITIALS:
+        assert initial in text
     for flag in ("--refine", "--similarity", "--regularization", "--device", "--fixed-labels",
-                 "--moving-labels", "--progress-json", "--output", "--method", "--no-figure"):
+                 "--moving-labels", "--progress-json", "--output", "--method", "--no-figure",
+                 "--initial"):
         assert flag in text
 
 
@@ -207,8 +214,10 @@ def test_methods_json_from_the_command_line_parses():
     methods = bridge.parse_methods_json(completed.stdout)
     names = [m["name"] for m in methods]
     assert "io" in names
-    html = bridge.method_description_html(methods[names.index("io")])
-    assert "<b>" in html
+    for info in methods:
+        html = bridge.method_description_html(info)
+        assert html and "{" not in html, info["name"]
+        assert "(" not in bridge.method_short_name(info)
 
 
 def test_parse_methods_json_tolerates_leading_text():
@@ -290,8 +299,11 @@ FULL_SUMMARY = {
     "method": "io", "version": "0.1.0", "runtime_seconds": 6.04, "device": "cpu", "refine": 0,
     "similarity_metric": "ncc", "similarity_before": 0.61234, "similarity_after": 0.9,
     "folding_percent": 0.0123, "folded_voxels": 45, "jacobian_min": -0.25, "jacobian_max": 2.5,
+    "folding_percent_strict": 0.05, "folded_voxels_strict": 183, "jacobian_min_strict": -0.7,
     "sdlogj": 0.0812, "worst_folding": {"index_kji": [1, 2, 3], "point_lps": [1.0, 2.0, 3.0],
-                                        "determinant": -0.25},
+                                        "determinant": -0.7, "determinant_central": 0.1},
+    "initial": {"requested": "auto", "used": "rigid", "reason": "not aligned", "seconds": 1.26,
+                "matrix_lps": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]},
     "dice": {"10": {"before": 0.5, "after": 0.8}, "2": {"before": 0.6, "after": 0.7}},
     "mean_dice_before": 0.55, "mean_dice_after": 0.75,
 }
@@ -301,41 +313,142 @@ def test_results_table_rows_full_summary():
     rows = bridge.results_table_rows(FULL_SUMMARY, {"2": "white matter"})
     table = dict(rows)
     assert table["Method"] == "io (DeepRegistrationLib 0.1.0)"
+    assert table["Global alignment"] == "Rigid (asked: Automatic; not aligned; 1.3 s)"
     assert table["Runtime"] == "6.0 s on cpu"
     assert table["Similarity (ncc) before \u2192 after"] == "0.6123 \u2192 0.9"
-    assert table["Folding (det J \u2264 0)"] == "0.0123 % (45 voxels)"
-    assert table["Jacobian determinant min / max"] == "-0.25 / 2.5"
+    assert table[bridge.FOLDING_STRICT_LABEL] == "0.05 % (183 voxels)"
+    assert table[bridge.FOLDING_CENTRAL_LABEL] == "0.0123 % (45 voxels)"
+    assert "ITK/Learn2Reg-comparable" in bridge.FOLDING_CENTRAL_LABEL
+    assert table["Smallest det J, strict"] == "-0.7"
+    assert table["det J min / max (central)"] == "-0.25 / 2.5"
     assert table["SD of log Jacobian"] == "0.0812"
-    assert table["Smallest det J (RAS mm)"] == "-0.25 at (-1.0, -2.0, 3.0)"
+    # the stored LPS point, in RAS, with the strict and the central determinant
+    assert table["Worst folding at (RAS mm)"] == "(-1.0, -2.0, 3.0): det J -0.7 (central 0.1)"
     assert table["Dice white matter"] == "0.6 \u2192 0.7"
     assert table["Dice label 10"] == "0.5 \u2192 0.8"
     assert table["Mean Dice"] == "0.55 \u2192 0.75"
     names = [name for name, _ in rows]
     assert names.index("Dice white matter") < names.index("Dice label 10")  # numeric order
+    assert names.index(bridge.FOLDING_STRICT_LABEL) < names.index(bridge.FOLDING_CENTRAL_LABEL)
     assert all(isinstance(value, str) for _, value in rows)
 
 
 def test_results_table_rows_partial_and_odd_values():
     assert bridge.results_table_rows({}) == []
-    rows = dict(bridge.results_table_rows({"folding_percent": float("nan"),
-                                           "jacobian_min": None, "jacobian_max": 1.0}))
-    assert rows["Folding (det J \u2264 0)"] == "n/a %"
-    assert rows["Jacobian determinant min / max"] == "n/a / 1"
+    # an older summary: central folding only, no initial stage, worst point without strict values
+    rows = dict(bridge.results_table_rows({"folding_percent": float("nan"), "jacobian_min": None,
+                                           "jacobian_max": 1.0,
+                                           "worst_folding": {"point_lps": [0, 0, 0], "determinant": 0.2}}))
+    assert rows[bridge.FOLDING_CENTRAL_LABEL] == "n/a %"
+    assert bridge.FOLDING_STRICT_LABEL not in rows and "Global alignment" not in rows
+    assert rows["det J min / max (central)"] == "n/a / 1"
+    assert rows["Worst folding at (RAS mm)"] == "(-0.0, -0.0, 0.0): det J 0.2"
     assert "Dice" not in " ".join(rows)
 
 
-def test_method_description_html_escapes_and_summarises():
+def test_key_figures_are_dice_folding_and_time():
+    figures = dict(bridge.key_figures(FULL_SUMMARY))
+    assert list(figures) == ["Dice", "Folding", "Run time"]
+    assert figures["Dice"] == "0.55 \u2192 0.75"
+    assert figures["Folding"] == "0.05 % strict, 0.0123 % central"
+    assert figures["Run time"] == "6 s (cpu)"
+    older = dict(bridge.key_figures({"folding_percent": 0.2, "runtime_seconds": 100}))
+    assert older == {"Folding": "0.2 % (central)", "Run time": "1.7 min"}
+    assert bridge.key_figures({}) == []
+    html = bridge.key_figures_html({"folding_percent": 0.2, "device": "<cuda>", "runtime_seconds": 1})
+    assert "<b>Folding:</b>" in html and "&lt;cuda&gt;" in html
+
+
+# ----------------------------------------------------------------------------- the method panel
+def shipped_card(name):
+    with open(os.path.join(ROOT, "Resources", "checkpoints", f"{name}.json")) as handle:
+        return json.load(handle)
+
+
+def test_model_card_lines_from_a_shipped_card():
+    """The curated lines against the card's own JSON values."""
+    card = shipped_card("vm-diff")
+    lines = dict(bridge.model_card_lines(card))
+    assert list(lines) == ["Trained on", "Seen anatomy", "Training steps", "Validation Dice", "Date"]
+    sources = [s["name"] for s in card["data"]["sources"]]
+    assert lines["Trained on"].startswith(", ".join(n.upper() if n == "mni152" else n for n in sources))
+    assert "synthetic deformations" in lines["Trained on"]
+    assert lines["Seen anatomy"] == bridge.SOURCE_ANATOMY["mni152"]
+    assert lines["Training steps"] == str(card["training"]["run_iterations"])
+    before, after = card["validation"]["identity"]["dice"], card["validation"]["metrics"]["dice"]
+    assert lines["Validation Dice"].startswith(f"{before:.2g} \u2192 {after:.2g}")
+    assert lines["Date"] == card["created"][:10]
+    assert bridge.model_card_lines(None) == [] and bridge.model_card_lines({}) == []
+    odd = dict(bridge.model_card_lines({"data": {"sources": [{"name": "scan7", "modality": "CT"}]},
+                                        "validation": {"metrics": {"dice": 0.8}}}))
+    assert odd == {"Trained on": "scan7", "Seen anatomy": "scan7 CT", "Validation Dice": "0.8"}
+
+
+def test_method_description_html_is_curated_and_escaped():
+    card = shipped_card("vm-diff")
     html = bridge.method_description_html({
-        "name": "vxm", "title": "VoxelMorph <small>", "paper": "Balakrishnan et al. 2019",
-        "description": "U-Net & warp", "estimated_seconds": {"2mm": 6.0, "1mm": 150.0},
-        "model_card": {"data": "synthetic MNI", "metrics": {"dice": 0.81234}},
-        "checkpoint": "/x/Resources/checkpoints/vxm.pt", "available": False})
-    assert "VoxelMorph &lt;small&gt;" in html and "U-Net &amp; warp" in html
-    assert "Balakrishnan" in html
+        "name": "vm-diff", "title": "VoxelMorph-diff (U-Net velocity + scaling and squaring)",
+        "description": "A small U-Net predicts a stationary velocity on a 4 mm grid.",
+        "estimated_seconds": {"2mm": 6.0, "1mm": 150.0}, "model_card": card,
+        "checkpoint": "/x/Resources/checkpoints/vm-diff.pt", "available": True})
+    assert bridge.PLAIN_DESCRIPTIONS["vm-diff"] in html
     assert "6 s at 2mm" in html and "2.5 min at 1mm" in html
-    assert "dice 0.8123" in html and "vxm.pt" in html and "/x/" not in html
-    assert "Not available" in html
-    assert bridge.method_description_html({"name": "io"}) == "<b>io</b>"
+    assert "Trained on MNI152 (synthetic deformations), 900 steps, " + card["created"][:10] in html
+    assert "Seen anatomy:" in html and "Validation Dice:" in html
+    # nothing of the raw card: no dictionaries, commands, paths or synthetic-data settings
+    for raw in ("{", "synth_config", "config", "--", "/x/", ".pt", "affine_probability", "U-Net velocity",
+                "lncc", "iterations"):
+        assert raw not in html, raw
+    escaped = bridge.method_description_html({"name": "new", "description": "A & B <i>. More.",
+                                              "available": False})
+    assert escaped.startswith("A &amp; B &lt;i&gt;.") and "More" not in escaped
+    assert "Not available" in escaped
+    assert bridge.method_description_html({"name": "io"}).startswith(bridge.PLAIN_DESCRIPTIONS["io"])
+    assert bridge.method_description_html({"name": "x"}) == "<b>x</b>"
+
+
+def test_method_short_names_and_tooltips():
+    assert bridge.method_short_name({"name": "vtn", "title": "VTN (Volume Tweening Network: affine)"}) == "VTN"
+    assert bridge.method_short_name({"name": "io"}) == "io"
+    tip = bridge.method_tooltip({"name": "vtn", "title": "VTN (long)", "paper": "Zhao et al."})
+    assert tip == "VTN (long)\nPaper: Zhao et al."
+
+
+def test_readable_choices_cover_the_tokens():
+    for choices in (bridge.SIMILARITY_CHOICES, bridge.DEVICE_CHOICES, bridge.INITIAL_CHOICES):
+        tokens = [token for token, _ in choices]
+        labels = [label for _, label in choices]
+        assert len(set(tokens)) == len(tokens) and len(set(labels)) == len(labels)
+        assert all(label != token for token, label in choices if token not in ("cpu",))
+    assert bridge.choice_label(bridge.SIMILARITY_CHOICES, "lncc") == "Same contrast (local correlation)"
+    assert bridge.choice_label(bridge.SIMILARITY_CHOICES, "mind") == "Different contrasts (MIND)"
+    assert bridge.choice_label(bridge.INITIAL_CHOICES, "none") == "None (already aligned)"
+    assert bridge.INITIALS[0] == bridge.DEFAULT_INITIAL == "auto"
+    assert bridge.choice_label(bridge.DEVICE_CHOICES, "unknown") == "unknown"
+
+
+def test_demo_files_match_their_checksums():
+    import hashlib
+    folder = os.path.join(ROOT, "DeepRegistration", "Resources", "SampleData")
+    for file_name, node_name, file_type, checksum in bridge.DEMO_FILES:
+        with open(os.path.join(folder, file_name), "rb") as handle:
+            assert checksum == "SHA256:" + hashlib.sha256(handle.read()).hexdigest(), file_name
+        assert file_type in ("VolumeFile", "SegmentationFile")
+    assert os.path.isfile(os.path.join(folder, bridge.DEMO_SAMPLE_NAME + ".png"))
+
+
+def test_pick_inputs_prefers_the_demo_pair():
+    demo = [entry[1] for entry in bridge.DEMO_FILES]
+    assert bridge.pick_inputs(["a", demo[1], "b", demo[0]]) == (3, 1)
+    assert bridge.pick_inputs(["a", "b", "c"]) == (0, 1)
+    assert bridge.pick_inputs(["a"]) == (0, None) and bridge.pick_inputs([]) == (None, None)
+    assert bridge.pick_labels(["x", demo[3], demo[2]], demo[0]) == 2
+    assert bridge.pick_labels(["x"], demo[0]) is None and bridge.pick_labels([demo[2]], "other") is None
+
+
+def test_folding_mask_from_jacobian():
+    mask = bridge.folding_mask_from_jacobian(np.array([[-1.0, 0.0], [0.5, np.nan]]))
+    assert mask.dtype == np.uint8 and mask.tolist() == [[1, 1], [0, 0]]
 
 
 # ----------------------------------------------------------------------------- labels and QA images
@@ -545,3 +658,34 @@ def test_wait_times_out(tmp_path):
         process.wait(timeout=30)
     if os.name != "nt":
         assert process.returncode == -signal.SIGKILL
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
+def test_stop_now_ends_the_tree_without_polling(tmp_path):
+    """For scene close and exit: one call, no event loop, the launcher's child gone even when it
+    ignores SIGTERM."""
+    child = write_script(tmp_path, "stubborn.py", """
+        import json, os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(json.dumps({"type": "log", "message": f"pid {os.getpid()}"}), flush=True)
+        time.sleep(120)
+    """)
+    launcher = write_script(tmp_path, "launcher.py", LAUNCHER)
+    process = bridge.RegistrationProcess([sys.executable, launcher, child]).start()
+    child_pid = None
+    deadline = time.monotonic() + 30
+    while child_pid is None and time.monotonic() < deadline:
+        for event in process.poll():
+            if event["type"] == "log":
+                child_pid = int(event["message"].split()[1])
+        time.sleep(0.02)
+    assert child_pid is not None
+    start = time.monotonic()
+    process.stop_now(grace_seconds=0.5)
+    assert time.monotonic() - start < 10
+    assert process.process.poll() is not None and process.cancel_requested
+    deadline = time.monotonic() + 5
+    while pid_alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(child_pid)
+    process.stop_now()  # twice is harmless
