@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import stat
+import time
 import uuid
+from contextlib import contextmanager
 from typing import Dict, Optional
 
 import numpy as np
@@ -21,11 +23,10 @@ import torch
 from . import __version__
 from .engine import RegistrationResult
 from .errors import UserInputError
-from .images import (image_from_array, index_to_physical_matrix, physical_grid,
-                     resample_to_reference, sample_at_points, write_image)
+from .images import (image_from_array, index_to_physical_matrix, resample_to_reference,
+                     sample_displaced, write_gzipped, write_image)
 from .metrics import (dice, folding_percent, jacobian_determinant_map, label_values, ncc, sdlogj,
                       strict_jacobian_determinant_map, volume_ratio)
-from .spatial import warp
 
 OUTPUT_FILES = {
     "warped": "warped.nii.gz",
@@ -58,6 +59,21 @@ def physical_to_displacement(vectors: np.ndarray, reference: sitk.Image) -> torc
     return torch.from_numpy(u_ijk).permute(3, 0, 1, 2).flip(0)[None].float().contiguous()
 
 
+def _physical_vectors(displacement: torch.Tensor, reference: sitk.Image) -> np.ndarray:
+    """:func:`displacement_to_physical` in float32 (what the field file holds): ``U = D S u``
+    as three multiply-adds per component over the grid, instead of float64 (N, 3) @ (3, 3)
+    products (a 1 mm field: 0.2 GB of float64 and seconds)."""
+    linear = index_to_physical_matrix(reference)[:3, :3]  # D S, acting on (i, j, k)
+    u_ijk = displacement[0].to(torch.float32).flip(0)
+    out = torch.empty(tuple(u_ijk.shape[1:]) + (3,), dtype=torch.float32)
+    with torch.no_grad():
+        for row in range(3):
+            torch.mul(u_ijk[0], float(linear[row, 0]), out=out[..., row])
+            out[..., row].add_(u_ijk[1], alpha=float(linear[row, 1]))
+            out[..., row].add_(u_ijk[2], alpha=float(linear[row, 2]))
+    return out.numpy()
+
+
 def displacement_field_image(displacement: torch.Tensor, reference: sitk.Image,
                              vectors: Optional[np.ndarray] = None) -> sitk.Image:
     """The ITK displacement field (``sitkVectorFloat32``, fixed grid, LPS mm).
@@ -67,7 +83,7 @@ def displacement_field_image(displacement: torch.Tensor, reference: sitk.Image,
     """
     if vectors is None:
         vectors = displacement_to_physical(displacement, reference)
-    return image_from_array(vectors.astype(np.float32), reference, is_vector=True)
+    return image_from_array(vectors.astype(np.float32, copy=False), reference, is_vector=True)
 
 
 def write_displacement_field(field: sitk.Image, path: str) -> None:
@@ -97,7 +113,11 @@ def write_displacement_field(field: sitk.Image, path: str) -> None:
     image.header.set_sform(affine, code=1)
     image.header.set_intent(1006)
     image.header.set_xyzt_units("mm", "sec")
-    nibabel.save(image, os.fspath(path))
+    path = os.fspath(path)
+    if path.lower().endswith(".nii.gz"):  # float vectors: stored, see images.write_image
+        write_gzipped(lambda raw: nibabel.save(image, raw), path, 0)
+    else:
+        nibabel.save(image, path)
 
 
 def read_displacement_field(path: str, reference: Optional[sitk.Image] = None) -> torch.Tensor:
@@ -117,14 +137,12 @@ def warp_image(image: sitk.Image, displacement: torch.Tensor, reference: sitk.Im
 
     Equivalent to ``sitk.Resample(image, reference, DisplacementFieldTransform(U))``, which the
     tests check; done here in torch so the original image is sampled once, never re-warped.
-    ``vectors`` (from :func:`displacement_to_physical`) saves converting the field again.
+    Computed in index space (``images.sample_displaced``): ``vectors`` is accepted for callers
+    that pass it and not needed.
     """
-    if vectors is None:
-        vectors = displacement_to_physical(displacement, reference)
-    points = physical_grid(reference) + torch.from_numpy(vectors)
-    values = sample_at_points(image, points, nearest=nearest).numpy()
-    out = image_from_array(values.astype(sitk.GetArrayViewFromImage(image).dtype), reference)
-    return out
+    values = sample_displaced(image, reference, displacement, nearest=nearest)
+    return image_from_array(values.astype(sitk.GetArrayViewFromImage(image).dtype, copy=False),
+                            reference)
 
 
 def grid_lines(shape, every: int = 8, thickness: int = 1) -> np.ndarray:
@@ -140,9 +158,9 @@ def grid_lines(shape, every: int = 8, thickness: int = 1) -> np.ndarray:
 
 def warped_grid(displacement: torch.Tensor, every: int = 8) -> np.ndarray:
     """Grid lines on the fixed grid deformed by the field (what the moving grid looks like)."""
-    lines = torch.from_numpy(grid_lines(displacement.shape[2:], every))[None, None]
-    with torch.no_grad():
-        return warp(lines, displacement.float())[0, 0].numpy()
+    # ``spatial.warp(lines, displacement)`` (border continued), on every core
+    lines = sitk.GetImageFromArray(grid_lines(displacement.shape[2:], every))
+    return sample_displaced(lines, lines, displacement, default=None)
 
 
 # ------------------------------------------------------------------------------------ summaries
@@ -389,46 +407,75 @@ def _write_output_files(result: RegistrationResult, folder: str,
 
     folder = os.path.abspath(folder)
     paths = {}
+    timings = result.timings  # summary.json's timings_seconds: each output computed and written
+
+    @contextmanager
+    def timed(stage):
+        started = time.perf_counter()
+        yield
+        timings[stage] = time.perf_counter() - started
 
     def save(name, image):
         paths[name] = os.path.join(folder, OUTPUT_FILES[name])
-        if name in ("displacement", "deformable"):
-            write_displacement_field(image, paths[name])  # as Slicer reads it without a warning
-        else:
-            write_image(image, paths[name])
+        with timed(f"write {OUTPUT_FILES[name]}"):
+            if name in ("displacement", "deformable"):
+                write_displacement_field(image, paths[name])  # as Slicer reads it, no warning
+            else:
+                write_image(image, paths[name])
 
     report(0.0, "warping the moving image")
-    vectors = displacement_to_physical(result.displacement, result.fixed)
-    warped = warp_image(result.moving, result.displacement, result.fixed, vectors=vectors)
+    with timed("compute warped image"):
+        warped = warp_image(result.moving, result.displacement, result.fixed)
     save("warped", warped)
     report(0.3, "writing the displacement field")
-    save("displacement", displacement_field_image(result.displacement, result.fixed, vectors))
+    with timed("compute displacement field (mm)"):
+        vectors = _physical_vectors(result.displacement, result.fixed)
+        field_image = displacement_field_image(result.displacement, result.fixed, vectors)
+    save("displacement", field_image)
     paths["affine"] = os.path.join(folder, OUTPUT_FILES["affine"])
     sitk.WriteTransform(global_transform(result), paths["affine"])
-    save("deformable", displacement_field_image(result.deformable_part(), result.fixed))
-    determinant = jacobian_determinant_map(result.displacement)
+    if result.deformable is None or result.deformable is result.displacement or (
+            result.alignment is None or result.alignment.is_identity):
+        # no global stage: the deformable part is the same field, already on disk
+        paths["deformable"] = os.path.join(folder, OUTPUT_FILES["deformable"])
+        with timed(f"write {OUTPUT_FILES['deformable']}"):
+            shutil.copyfile(paths["displacement"], paths["deformable"])
+    else:
+        with timed("compute deformable field (mm)"):
+            deformable_image = displacement_field_image(result.deformable, result.fixed)
+        save("deformable", deformable_image)
+    del field_image
+    with timed("compute Jacobian determinant (central)"):
+        determinant = jacobian_determinant_map(result.displacement)
     save("jacobian", image_from_array(determinant.astype(np.float32), result.fixed))
-    strict_determinant = strict_jacobian_determinant_map(result.displacement)
-    folded = strict_determinant <= 0
+    with timed("compute Jacobian determinant (strict)"):
+        strict_determinant = strict_jacobian_determinant_map(result.displacement)
+        folded = strict_determinant <= 0
     save("folding", image_from_array(folded.astype(np.uint8), result.fixed))
-    grid = warped_grid(result.displacement)
+    with timed("compute warped grid"):
+        grid = warped_grid(result.displacement)
     save("grid", image_from_array(grid, result.fixed))
     warped_labels = None
     if moving_labels is not None:
         report(0.5, "propagating labels")
-        warped_labels = warp_image(moving_labels, result.displacement, result.fixed, nearest=True,
-                                   vectors=vectors)
+        with timed("compute warped labels"):
+            warped_labels = warp_image(moving_labels, result.displacement, result.fixed,
+                                       nearest=True)
         save("warped_labels", warped_labels)
     report(0.6, "computing metrics")
-    summary = summarise(result, warped, determinant, fixed_labels, moving_labels, warped_labels,
-                        vectors, strict_determinant)
-    summary.update(composition_summary(result, determinant, strict_determinant))
+    with timed("compute summary metrics"):
+        summary = summarise(result, warped, determinant, fixed_labels, moving_labels,
+                            warped_labels, vectors, strict_determinant)
+        summary.update(composition_summary(result, determinant, strict_determinant))
     summary.update(extra or {})
     if figure:
         report(0.75, "drawing the QA figure")
+        started = time.perf_counter()
         from .qa import qa_figure
         paths["qa"] = os.path.join(folder, OUTPUT_FILES["qa"])
         qa_figure(result, warped, determinant, folded, summary, paths["qa"])
+        summary["timings_seconds"]["draw qa.png (with its imports)"] = round(
+            time.perf_counter() - started, 3)
     paths["summary"] = os.path.join(folder, OUTPUT_FILES["summary"])
     summary["outputs"] = {name: os.path.basename(path) for name, path in paths.items()}
     with open(paths["summary"], "w") as handle:
