@@ -359,6 +359,23 @@ def command_speed(args) -> None:
                "mean_load_average": float(np.mean([r["load_average"] for r in rows])),
                "runs": rows}
     os.makedirs(args.output, exist_ok=True)
+    if args.profile:  # where the network's time goes: one forward on the same canvas, 1 thread
+        from torch.profiler import ProfilerActivity, profile
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        canvas = [torch.rand(1, 1, *rows[-1]["canvas"]) for _ in range(2)]
+        with torch.inference_mode():
+            network.eval()(*canvas)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+                network(*canvas)
+        torch.set_num_threads(threads)
+        table = profiler.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=28,
+            max_shapes_column_width=64)
+        with open(os.path.join(args.output, f"speed_width{config['width']}_profile.txt"),
+                  "w") as handle:
+            handle.write(f"torch.profiler, one thread, canvas {rows[-1]['canvas']}, load "
+                         f"average {os.getloadavg()[0]:.1f}\n{table}\n")
     name = f"speed_width{config['width']}.json"
     with open(os.path.join(args.output, name), "w") as handle:
         json.dump(summary, handle, indent=2)
@@ -403,6 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--config", default="{}", help="MMLN config overrides (JSON)")
     speed.add_argument("--repeats", type=int, default=4)
     speed.add_argument("--threads", type=int)
+    speed.add_argument("--profile", action="store_true",
+                       help="also write torch.profiler's table of one network forward")
     return parser
 
 

@@ -530,6 +530,8 @@ SPEC = register_method(MethodSpec(
     # the pyramid's phases are the curriculum: no coarse first stage on another grid (it would
     # train level 1 on 16 mm voxels and deploy it on 8 mm ones)
     training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 1, "curriculum": None},
-    estimated_seconds={"2mm": 1.5, "1mm": 1.5},
+    # the network's CPU seconds on a 2 mm MNI152 pair (docs/methods/mmln/speed_width12.json):
+    # its wall time on an idle 2-core machine is not longer; other grids not measured yet
+    estimated_seconds={"2mm": 2.5},
     variants=VARIANTS,
 ))
