@@ -118,7 +118,11 @@ def test_extension_cmake_metadata():
     text = read(os.path.join(ROOT, "CMakeLists.txt"))
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                      "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
-        assert re.search(r"set\(" + variable + r" \"[^\"]+\"\)", text), variable
+        assert re.search(r"set\(" + variable + r" ", text), variable
+    # no invented hosts or names: the URLs come from the repository's own remote
+    assert "DeepRegistration/DeepRegistration" not in text
+    assert "DeepRegistration developers" not in text
+    assert "remote.origin.url" in text
     assert 'set(EXTENSION_CATEGORY "Registration")' in text
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "find_package(Slicer REQUIRED)" in text
@@ -171,8 +175,10 @@ def test_every_bound_widget_names_a_parameter():
     unknown = sorted(set(bindings) - set(fields))
     assert not unknown, f"SlicerParameterName without a parameter node field: {unknown}"
     assert {"fixedVolume", "movingVolume", "fixedLabels", "movingLabels", "refine", "similarity",
-            "device", "regularization", "showGrid", "gridSpacing", "showJacobian",
-            "jacobianOpacity", "comparisonView"} <= set(bindings)
+            "device", "initial", "regularization", "showGrid", "gridSpacing", "showJacobian",
+            "jacobianOpacity", "comparisonView", "showFolding", "applyToMoving", "hardenMoving",
+            "outputTransform", "warpedVolume", "jacobianVolume", "warpedLabels",
+            "resultsTable"} <= set(bindings)
 
 
 def test_bound_widgets_match_what_parameterNodeWrapper_can_connect():
@@ -191,8 +197,13 @@ def test_bound_widgets_match_what_parameterNodeWrapper_can_connect():
             assert base == "float", name
             assert "WithinRange" in extras, f"{name}: ctkSliderWidget needs a bounded float"
         elif widget_class == "QComboBox":
-            assert base in ("str", "int", "float", "bool"), name
-            assert "Choice" in extras, f"{name}: a QComboBox needs the Choice annotation"
+            # QComboBoxToStringableConnector (Choice) or QComboBoxToEnumConnector (an Enum,
+            # shown by its label())
+            if base in choice_enums():
+                assert not extras, name
+            else:
+                assert base in ("str", "int", "float", "bool"), name
+                assert "Choice" in extras, f"{name}: a QComboBox needs the Choice annotation or an Enum"
             assert widget.find("item") is None, f"{name}: the connector fills the items"
         elif widget_class == "qMRMLNodeComboBox":
             classes = node_classes(base)
@@ -206,10 +217,24 @@ def test_bound_widgets_match_what_parameterNodeWrapper_can_connect():
             raise AssertionError(f"{name}: no parameterNodeWrapper connector for {widget_class}")
 
 
+def choice_enums():
+    """{enum name: the bridge list it is made from} of ``X = _choiceEnum("X", bridge.Y, ...)``."""
+    enums = {}
+    for node in module_ast().body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and ast.unparse(node.value.func) == "_choiceEnum":
+            enums[node.targets[0].id] = ast.unparse(node.value.args[1])
+    return enums
+
+
 def test_choice_values_come_from_the_bridge():
     fields = parameter_fields()
-    assert "bridge.SIMILARITIES" in ast.unparse(fields["similarity"])
-    assert "bridge.DEVICES" in ast.unparse(fields["device"])
+    enums = choice_enums()
+    assert enums == {"Similarity": "bridge.SIMILARITY_CHOICES", "Device": "bridge.DEVICE_CHOICES",
+                     "Initial": "bridge.INITIAL_CHOICES"}
+    assert ast.unparse(fields["similarity"]) == "Similarity"
+    assert ast.unparse(fields["device"]) == "Device"
+    assert ast.unparse(fields["initial"]) == "Initial"
     assert "COMPARISON_VIEWS" in ast.unparse(fields["comparisonView"])
 
 
@@ -285,3 +310,72 @@ def test_packages_are_installed_only_after_confirmation():
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             assert "torch" not in ast.unparse(node)
+
+
+def test_license_file_is_the_license_the_project_states():
+    """LICENSE.txt is the Apache License 2.0 text, as pyproject.toml says."""
+    text = read(os.path.join(ROOT, "LICENSE.txt"))
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert 'license = {text = "Apache-2.0"}' in read(os.path.join(ROOT, "pyproject.toml"))
+
+
+def test_screenshot_and_icon_named_in_the_metadata_exist():
+    """The icon and screenshot URLs point at files of this repository."""
+    text = read(os.path.join(ROOT, "CMakeLists.txt"))
+    for variable in ("DEEPREGISTRATION_ICON_PATH", "DEEPREGISTRATION_SCREENSHOT_PATH"):
+        match = re.search(r"set\(" + variable + r" \"([^\"]+)\"\)", text)
+        assert match, variable
+        assert os.path.isfile(os.path.join(ROOT, match.group(1))), match.group(1)
+
+
+def test_sample_data_files_are_installed_with_the_module():
+    from DeepRegistrationLib import slicer_bridge as bridge
+    resources = cmake_list(read(MODULE_CMAKE), "MODULE_PYTHON_RESOURCES")
+    for entry in bridge.DEMO_FILES:
+        assert f"Resources/SampleData/{entry[0]}" in resources, entry[0]
+    assert f"Resources/SampleData/{bridge.DEMO_SAMPLE_NAME}.png" in resources
+
+
+def configure_metadata(tmp_path, *arguments, git_remote=None):
+    """Configure the extension's metadata block of the top-level CMakeLists.txt on its own (no
+    Slicer needed) and return the EXTENSION_* values it sets."""
+    import shutil
+    import subprocess
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    text = read(os.path.join(ROOT, "CMakeLists.txt"))
+    start = text.index("# Extension meta-information")
+    end = text.index("# Extension dependencies")
+    source = tmp_path / "source"
+    source.mkdir(parents=True)
+    names = ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_CONTRIBUTORS")
+    (source / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(MetadataCheck NONE)\n" + text[start:end] +
+        "".join(f'message(STATUS "{name}=[${{{name}}}]")\n' for name in names))
+    if git_remote:
+        subprocess.run(["git", "init", "-q", str(source)], check=True)
+        subprocess.run(["git", "-C", str(source), "remote", "add", "origin", git_remote], check=True)
+    completed = subprocess.run(["cmake", "-S", str(source), "-B", str(tmp_path / "build"), *arguments],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    values = dict(re.findall(r"-- (EXTENSION_\w+)=\[(.*)\]", completed.stdout))
+    return values, " ".join(completed.stderr.split())  # CMake wraps its warnings
+
+
+def test_extension_urls_follow_the_repository_remote(tmp_path):
+    values, warnings = configure_metadata(tmp_path, git_remote="git@github.com:someone/SlicerDeepReg.git")
+    assert values["EXTENSION_HOMEPAGE"] == "https://github.com/someone/SlicerDeepReg#readme"
+    raw = "https://raw.githubusercontent.com/someone/SlicerDeepReg/main/"
+    assert values["EXTENSION_ICONURL"] == raw + "DeepRegistration/Resources/Icons/DeepRegistration.png"
+    assert values["EXTENSION_SCREENSHOTURLS"] == raw + "Resources/screenshots/slicer_panel_rendering.png"
+    assert "DEEPREGISTRATION_CONTRIBUTORS is empty" in warnings
+
+
+def test_extension_urls_without_a_remote_are_empty_and_said_so(tmp_path):
+    values, warnings = configure_metadata(tmp_path, "-DDEEPREGISTRATION_CONTRIBUTORS=Ada Lovelace (Analytical Engines)")
+    assert values["EXTENSION_ICONURL"] == "" and values["EXTENSION_SCREENSHOTURLS"] == ""
+    assert values["EXTENSION_CONTRIBUTORS"] == "Ada Lovelace (Analytical Engines)"
+    assert "icon and screenshot URLs are empty" in warnings
+    values, _ = configure_metadata(tmp_path / "again", "-DDEEPREGISTRATION_REPOSITORY_URL=https://github.com/org/repo")
+    assert values["EXTENSION_HOMEPAGE"] == "https://github.com/org/repo#readme"

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest  # noqa: E402
-from PySide6.QtCore import QFile, QIODevice  # noqa: E402
+from PySide6.QtCore import QFile, QIODevice, Qt  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
 from PySide6.QtWidgets import (QAbstractSpinBox, QApplication, QCheckBox, QComboBox, QLabel,  # noqa: E402
                                QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
@@ -68,12 +68,13 @@ def test_widget_classes_match_their_use(ui):
     expected = {
         "applyButton": QPushButton, "cancelButton": QPushButton, "showLogButton": QPushButton,
         "jumpToWorstFoldingButton": QPushButton, "progressBar": QProgressBar,
-        "statusLabel": QLabel, "methodDescriptionLabel": QLabel, "logTextEdit": QPlainTextEdit,
-        "resultsTableWidget": QTableWidget, "methodComboBox": QComboBox,
-        "similarityComboBox": QComboBox, "deviceComboBox": QComboBox,
+        "statusLabel": QLabel, "methodDescriptionLabel": QLabel, "keyFiguresLabel": QLabel,
+        "logTextEdit": QPlainTextEdit, "resultsTableWidget": QTableWidget, "methodComboBox": QComboBox,
+        "similarityComboBox": QComboBox, "deviceComboBox": QComboBox, "initialComboBox": QComboBox,
         "comparisonComboBox": QComboBox, "refineSpinBox": QSpinBox,
-        "showGridCheckBox": QCheckBox, "showJacobianCheckBox": QCheckBox,
+        "showGridCheckBox": QCheckBox, "showJacobianCheckBox": QCheckBox, "showFoldingCheckBox": QCheckBox,
         "overrideRegularizationCheckBox": QCheckBox, "keepOutputFolderCheckBox": QCheckBox,
+        "applyToMovingCheckBox": QCheckBox, "hardenMovingCheckBox": QCheckBox,
     }
     for name, cls in expected.items():
         assert isinstance(ui[name], cls), f"{name} is a {type(ui[name]).__name__}"
@@ -111,6 +112,7 @@ def test_initial_state(ui):
     assert ui["showLogButton"].isCheckable()
     assert ui["logTextEdit"].isHidden() and ui["logTextEdit"].isReadOnly()
     assert ui["advancedCollapsibleButton"].property("collapsed") is True
+    assert ui["detailsCollapsibleButton"].property("collapsed") is True
     assert ui["inputsCollapsibleButton"].property("text") == "Inputs"
     table = ui["resultsTableWidget"]
     assert table.columnCount() == 2
@@ -119,8 +121,18 @@ def test_initial_state(ui):
     spin = ui["refineSpinBox"]
     assert (spin.minimum(), spin.maximum(), spin.value()) == (0, 5000, 0)
     assert isinstance(spin, QAbstractSpinBox)
-    for name in ("similarityComboBox", "deviceComboBox", "comparisonComboBox"):
-        assert ui[name].count() == 0, "parameterNodeWrapper fills Choice combo boxes"
+    for name in ("similarityComboBox", "deviceComboBox", "initialComboBox", "comparisonComboBox"):
+        assert ui[name].count() == 0, "parameterNodeWrapper fills Choice / Enum combo boxes"
+    assert ui["keyFiguresLabel"].textFormat() == Qt.RichText and ui["keyFiguresLabel"].wordWrap()
+
+
+def test_no_command_line_wording_in_the_panel():
+    """Labels and tooltips speak to a clinician: no raw option tokens."""
+    root = ET.parse(UI_FILE).getroot()
+    texts = [p.findtext("string") or "" for p in root.iter("property") if p.get("name") in ("text", "toolTip")]
+    joined = " ".join(texts)
+    for token in ("lncc", "mind", "--", "cuda", "python -m", "DeepRegistrationLib"):
+        assert token not in joined, token
 
 
 def test_node_selector_properties(ui):
@@ -134,9 +146,25 @@ def test_node_selector_properties(ui):
     assert list(labels.property("nodeTypes")) == ["vtkMRMLLabelMapVolumeNode",
                                                   "vtkMRMLSegmentationNode"]
     assert labels.property("noneEnabled") is True
+    # outputs: "Create new" (the none item) or an existing node
     for name in ("outputTransformSelector", "warpedVolumeSelector", "jacobianVolumeSelector",
-                 "warpedLabelsSelector"):
-        assert ui[name].property("addEnabled") is False, f"{name}: outputs are created on Apply"
+                 "warpedLabelsSelector", "resultsTableSelector"):
+        assert ui[name].property("noneEnabled") is True, name
+        assert ui[name].property("noneDisplay").startswith("Create new"), name
+        assert ui[name].property("addEnabled") is False, name
+    # the transform selector shows every transform class (the result is read into a
+    # vtkMRMLTransformNode; a user may pick a grid or linear transform node)
+    transform = ui["outputTransformSelector"]
+    assert list(transform.property("nodeTypes")) == ["vtkMRMLTransformNode"]
+    assert transform.property("showChildNodeTypes") is True
+    assert list(ui["resultsTableSelector"].property("nodeTypes")) == ["vtkMRMLTableNode"]
+    # long node names must not widen the side panel
+    root = ET.parse(UI_FILE).getroot()
+    for element in root.iter("widget"):
+        if element.get("class") == "qMRMLNodeComboBox":
+            policy = element.find("property[@name='sizeAdjustPolicy']/enum")
+            assert policy is not None and policy.text == "QComboBox::AdjustToMinimumContentsLengthWithIcon", \
+                element.get("name")
 
 
 def test_slider_ranges(ui):
@@ -147,3 +175,34 @@ def test_slider_ranges(ui):
         widget = ui[name]
         assert (widget.property("minimum"), widget.property("maximum"),
                 widget.property("value")) == (minimum, maximum, value), name
+
+
+def test_the_panel_fits_a_side_panel_with_real_content(app):
+    """The .ui with Qt stand-ins for Slicer's widgets (the loader of the committed rendering),
+    filled with the library's method names, the readable choices and long node names, needs no
+    more than the 360 px of a side panel."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from DeepRegistrationLib import slicer_bridge as bridge
+
+    spec = importlib.util.spec_from_file_location(
+        "render_panel", os.path.join(ROOT, "Resources", "screenshots", "render_panel.py"))
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    top, widgets = render.load_panel()
+    listing = subprocess.run(bridge.build_methods_command(sys.executable), capture_output=True, text=True,
+                             timeout=300, env=bridge.subprocess_environment(None, bridge.library_root()))
+    methods = bridge.parse_methods_json(listing.stdout)
+    render.fill_combo(widgets["methodComboBox"], [bridge.method_short_name(m) for m in methods])
+    longest = max(methods, key=lambda m: len(bridge.method_description_html(m)))
+    widgets["methodDescriptionLabel"].setText(bridge.method_description_html(longest))
+    render.fill_combo(widgets["similarityComboBox"], [label for _t, label in bridge.SIMILARITY_CHOICES])
+    render.fill_combo(widgets["initialComboBox"], [label for _t, label in bridge.INITIAL_CHOICES])
+    for name in ("fixedVolumeSelector", "outputTransformSelector", "warpedLabelsSelector"):
+        render.fill_combo(widgets[name], ["A very long node name " * 4])
+    assert top.minimumSizeHint().width() <= render.PANEL_WIDTH
+    # the old titles (with their parentheses) were what made the panel wide
+    assert all("(" not in bridge.method_short_name(m) for m in methods)
+    top.deleteLater()
