@@ -10,8 +10,9 @@ QGroupBox, ctkSliderWidget -> slider and spin box). The image says so at its top
 What the panel shows is real: the method list and its curated description come from
 ``python -m DeepRegistrationLib methods --json``, the choices from the module's lists, and the key
 figures and the measures from a registration of the Sample Data demo pair that this script runs
-(``vm-diff``, the module's command line); that run's summary is written to
-docs/slicer_demo_summary.json beside the image Resources/screenshots/slicer_panel_rendering.png.
+(``vm-diff``, the module's command line). It also runs the module's default method (``io``) on the
+pair; both summaries are written to docs/slicer_demo_summary.json ({method: summary}), the figures
+docs/slicer.md quotes for the demo.
 """
 import json
 import os
@@ -143,10 +144,11 @@ def main():
     listing = subprocess.run(bridge.build_methods_command(sys.executable), capture_output=True, text=True,
                              check=True, env=bridge.subprocess_environment(None, bridge.library_root()))
     methods = bridge.parse_methods_json(listing.stdout)
-    summary = run_demo(method)
+    summaries = {name: run_demo(name) for name in ("io", method)}
+    summary = summaries[method]
     os.makedirs(os.path.dirname(SUMMARY), exist_ok=True)
     with open(SUMMARY, "w") as handle:
-        json.dump(summary, handle, indent=2)
+        json.dump(summaries, handle, indent=2)
 
     top, w = load_panel()
     names = [entry[1] for entry in bridge.DEMO_FILES]
@@ -198,7 +200,8 @@ def main():
     image = frame.grab()
     image.save(IMAGE)
     print(f"wrote {IMAGE} ({image.width()} x {image.height()} px) and {SUMMARY}")
-    print("key figures: " + "; ".join(f"{label} {value}" for label, value in bridge.key_figures(summary)))
+    for name, result in summaries.items():
+        print(f"{name}: " + "; ".join(f"{label} {value}" for label, value in bridge.key_figures(result)))
 
 
 if __name__ == "__main__":
