@@ -203,6 +203,18 @@ def test_the_panel_fits_a_side_panel_with_real_content(app):
     for name in ("fixedVolumeSelector", "outputTransformSelector", "warpedLabelsSelector"):
         render.fill_combo(widgets[name], ["A very long node name " * 4])
     assert top.minimumSizeHint().width() <= render.PANEL_WIDTH
+    # the key figures come right after Apply and the status line, above every result selector,
+    # and within the first 700 px of the panel (visible without scrolling on a 1080p screen)
+    from PySide6.QtCore import QPoint
+    height = top.layout().heightForWidth(render.PANEL_WIDTH) if top.layout().hasHeightForWidth() \
+        else top.sizeHint().height()
+    top.resize(render.PANEL_WIDTH, height)
+    top.layout().activate()
+
+    def y(name):
+        return widgets[name].mapTo(top, QPoint(0, 0)).y()
+    assert y("applyButton") < y("statusLabel") < y("keyFiguresLabel") < y("outputsCollapsibleButton")
+    assert y("keyFiguresLabel") < 700, y("keyFiguresLabel")
     # the old titles (with their parentheses) were what made the panel wide
     assert all("(" not in bridge.method_short_name(m) for m in methods)
     top.deleteLater()
