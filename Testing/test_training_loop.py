@@ -166,8 +166,8 @@ def test_curriculum_trains_coarse_then_fine_and_keeps_only_fine_checkpoints(tmp_
     coarse_shape = (3, 1, 32, 32, 32)      # 144 mm at 8 mm -> 18 voxels -> multiple of 16
     fine_shape = (1, 1, 48, 48, 48)        # 36-40 voxels at 4 mm -> 48
     assert shapes == [coarse_shape, coarse_shape, fine_shape, fine_shape]
-    assert card["training"]["curriculum"] == {"spacing_mm": 8.0, "fraction": 0.5,
-                                              "batch_size": 3, "steps": 2}
+    assert card["training"]["curriculum"] == [{"spacing_mm": 8.0, "fraction": 0.5,
+                                               "batch_size": 3, "steps": 2}]
     assert card["validation"]["step"] in (3, 4)   # a fine-stage network
     history = card["validation"]["history"]
     assert [(h["step"], h["spacing_mm"]) for h in history] == [

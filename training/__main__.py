@@ -34,9 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--iterations", type=int, default=1000, help="optimiser steps")
     train.add_argument("--output", help="checkpoint path (default "
                                         "Resources/checkpoints/METHOD.pt)")
-    train.add_argument("--source", default="mni152",
+    train.add_argument("--source", default=None,
                        help="comma-separated data sources (mni152, pydeface, itk-t1, "
-                            "invesalius-ct, 'all' installed ones, or image paths)")
+                            "invesalius-ct, 'all' installed ones, or image paths); default: "
+                            "the recipe's, or mni152 without a recipe")
+    train.add_argument("--recipe", help="a training recipe (training/recipes.py), e.g. general: "
+                                        "sources, synthetic data, curriculum and grid")
+    train.add_argument("--unseen", default=None,
+                       help="comma-separated sources validated but never trained on (default: "
+                            "the recipe's held-out sources that are installed)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", metavar="PATH",
                        help="NAME.resume.pt to continue a run, or a checkpoint to warm-start from")
@@ -78,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                                "(e.g. vtn@AD for an ablation)")
     evaluate.add_argument("--peers", default="", help="comma-separated: ants, demons, elastix")
     evaluate.add_argument("--output", required=True, metavar="DIR")
-    evaluate.add_argument("--cases", default="small", help="small | full | tiny")
+    evaluate.add_argument("--cases", default="small",
+                          help="small | full | tiny | unseen (a real brain no shipped network "
+                               "trains on, independent B-spline warps, and a second subject)")
     evaluate.add_argument("--options", default="{}",
                           help="JSON {method: options} passed to engine.register, e.g. "
                                "'{\"io\": {\"iterations\": [20, 10]}}'")
@@ -107,7 +115,29 @@ def command_train(args) -> None:
     from .data import parse_sources
     from .train import TrainOptions, train
 
-    sources = parse_sources(args.source)
+    from .data import available_sources
+    from .recipes import get_recipe
+
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    installed = available_sources()
+    if args.source:
+        sources = parse_sources(args.source)
+    elif recipe:
+        sources = [name for name in recipe.sources if name in installed]
+        if not sources:
+            raise UserInputError(f"none of recipe {recipe.name}'s sources "
+                                 f"({', '.join(recipe.sources)}) is installed; run "
+                                 "training/install_data.sh")
+    else:
+        sources = parse_sources("mni152")
+    if args.unseen is not None:
+        unseen = parse_sources(args.unseen) if args.unseen else []
+    else:
+        unseen = [n for n in (recipe.unseen if recipe else ()) if n in installed]
+    overlap = set(map(str, sources)) & set(map(str, unseen))
+    if overlap:
+        raise UserInputError(f"{', '.join(sorted(overlap))} cannot be both trained on and held "
+                             "out as unseen anatomy")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = args.output or os.path.join(root, "Resources", "checkpoints", f"{args.method}.pt")
     card = train(TrainOptions(
@@ -117,7 +147,8 @@ def command_train(args) -> None:
         config=_json_option(args.config, "--config"),
         synth=_json_option(args.synth, "--synth"), threads=args.threads, overfit=args.overfit,
         coarse_spacing_mm=args.coarse_spacing, coarse_fraction=args.coarse_fraction,
-        coarse_batch_size=args.coarse_batch_size, progress=not args.quiet))
+        coarse_batch_size=args.coarse_batch_size, progress=not args.quiet,
+        recipe=args.recipe, unseen_sources=unseen))
     metrics = card["validation"]["metrics"]
     print(f"{args.method}: best step {card['validation']['step']}, validation Dice "
           f"{card['validation']['identity']['dice']:.3f} -> {metrics['dice']:.3f}, folding "

@@ -66,6 +66,14 @@ class Volume:
                 "spacing_mm": [round(s, 4) for s in self.image.GetSpacing()],
                 "labels": {str(k): v for k, v in self.label_names.items()}}
 
+    def oriented(self, orientation: str = "LPS") -> "Volume":
+        """The same volume with its axes permuted and flipped (no resampling) so the direction
+        matrix is the closest to ``orientation``'s; "LPS" is the canonical order in which the
+        engine hands images to networks."""
+        return Volume(self.name, sitk.DICOMOrient(self.image, orientation),
+                      sitk.DICOMOrient(self.labels, orientation), dict(self.label_names),
+                      self.modality, self.origin, list(self.notes))
+
     def resampled(self, spacing_mm: Optional[float]) -> "Volume":
         """The same volume on an isotropic ``spacing_mm`` grid (same extent and direction)."""
         if not spacing_mm:

@@ -76,6 +76,25 @@ class SynthConfig:
     augment_probability: float = 0.9
     contrast_probability: float = 0.3  # moving image in a label-driven second contrast
     mix_range: Tuple[float, float] = (0.2, 0.6)  # share of a remapped original in that contrast
+    # --- what the generalising recipe (``training.recipes``) switches on; off by default, so
+    # the evaluation's cases and older runs stay exactly as they were ---
+    canonical: bool = False            # sources in DICOMOrient "LPS" order, as the engine feeds
+    #                                    networks (``DeepRegistrationLib.canonical``)
+    independent_scales: bool = False   # each velocity scale its own random strength
+    # a "new subject" per pair: its own multi-scale deformation (instead of subject_fraction x
+    # the generating one), strength factor drawn from subject_magnitude_range
+    subject_scales: Optional[Tuple[Tuple[float, float], ...]] = None
+    subject_magnitude_range: Tuple[float, float] = (0.3, 1.0)
+    synthesis_probability: float = 0.0  # both images repainted in one label-driven contrast
+    framing_shift_mm: float = 0.0      # anatomy off-centre on the canvas by up to this much
+    partial_coverage_probability: float = 0.0  # per image: a slab at one side cut to zero
+    partial_coverage_max: float = 0.2  # largest share of an axis cut
+    thick_slice_probability: float = 0.0  # per image: one axis blurred and resampled thick
+    thick_slice_factor: Tuple[float, float] = (2.0, 5.0)
+    sharpen_probability: float = 0.0   # per image: unsharp masking (single-subject sharpness)
+    sharpen_max: float = 1.0
+    crop_shape: Optional[Tuple[int, int, int]] = None  # train on random windows of the canvas
+    crop_margin: int = 8               # voxels generated around a window, then cut away
 
     def scaled(self, magnitude: float) -> "SynthConfig":
         """A copy whose deformations use exactly ``magnitude`` x the velocity scales and at most
@@ -148,10 +167,20 @@ def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
 def multiscale_velocity(shape: Sequence[int], generator: torch.Generator, config: SynthConfig,
                         factor: float) -> torch.Tensor:
     """Sum of smooth random velocities at the configured scales, in working voxels."""
+    return scales_velocity(shape, generator, config, config.velocity_scales, factor)
+
+
+def scales_velocity(shape: Sequence[int], generator: torch.Generator, config: SynthConfig,
+                    scales: Sequence[Tuple[float, float]], factor: float) -> torch.Tensor:
+    """Sum over ``scales`` ((control spacing mm, largest component mm), ...) of smooth random
+    velocities in working voxels, each scaled by ``factor`` -- and, with
+    ``config.independent_scales``, by its own uniform [0, 1] draw, so one pair may be all fine
+    detail and the next one large and smooth."""
     velocity = torch.zeros((1, 3, *shape))
-    for control_mm, magnitude_mm in config.velocity_scales:
+    for control_mm, magnitude_mm in scales:
+        own = float(_uniform(generator)) if config.independent_scales else 1.0
         velocity = velocity + random_velocity(shape, max(control_mm / config.spacing_mm, 1.0),
-                                              factor * magnitude_mm / config.spacing_mm,
+                                              own * factor * magnitude_mm / config.spacing_mm,
                                               generator)
     return velocity
 
@@ -199,7 +228,46 @@ def augment_intensity(image: torch.Tensor, generator: torch.Generator,
         out = gaussian_smooth(out, sigma)
     noise = float(_uniform(generator)) * config.noise_max
     out = out + noise * torch.randn(out.shape, generator=generator)
+    out = acquisition_effects(out, generator, config)
     return normalise01(out)
+
+
+def acquisition_effects(image: torch.Tensor, generator: torch.Generator,
+                        config: SynthConfig) -> torch.Tensor:
+    """What differs between scanners and protocols beyond gamma, bias and noise, each drawn with
+    its probability (none of them draws anything when its probability is 0):
+
+    - sharpness: unsharp masking (a sharp single-subject scan, not the blurry template look);
+    - thick slices: one axis averaged over 2-5 voxels and resampled back (1x1x5 mm acquisitions);
+    - partial coverage: a slab at one side of one axis set to zero (a field of view that stops
+      short of the anatomy the other image shows).
+    """
+    out = image
+    if config.sharpen_probability and float(_uniform(generator)) < config.sharpen_probability:
+        amount = float(_uniform(generator)) * config.sharpen_max
+        out = out + amount * (out - gaussian_smooth(out, 1.0))
+    if config.thick_slice_probability and \
+            float(_uniform(generator)) < config.thick_slice_probability:
+        axis = int(torch.randint(3, (), generator=generator))
+        factor = float(_uniform(generator, *config.thick_slice_factor))
+        shape = list(out.shape[2:])
+        thick = list(shape)
+        thick[axis] = max(int(round(shape[axis] / factor)), 2)
+        sigmas = [0.0, 0.0, 0.0]
+        sigmas[axis] = 0.5 * factor
+        out = gaussian_smooth(out, sigmas)
+        out = F.interpolate(F.interpolate(out, size=thick, mode="trilinear", align_corners=True),
+                            size=shape, mode="trilinear", align_corners=True)
+    if config.partial_coverage_probability and \
+            float(_uniform(generator)) < config.partial_coverage_probability:
+        axis = int(torch.randint(3, (), generator=generator))
+        n = out.shape[2 + axis]
+        cut = int(round(float(_uniform(generator)) * config.partial_coverage_max * n))
+        if cut:
+            out = out.clone()
+            start = 0 if float(_uniform(generator)) < 0.5 else n - cut
+            out.narrow(2 + axis, start, cut).zero_()
+    return out
 
 
 def random_lookup(image: torch.Tensor, generator: torch.Generator, points: int = 5):
@@ -238,6 +306,28 @@ def label_contrast(image: torch.Tensor, labels: torch.Tensor, generator: torch.G
 
 
 # ---------------------------------------------------------------------------------- the canvas
+def random_window(image: torch.Tensor, labels: torch.Tensor, crop: Sequence[int], margin: int,
+                  generator: torch.Generator):
+    """A window of ``crop + 2 * margin`` voxels per axis around a random foreground voxel (the
+    labels, or the image above 0.05 where there are none), clamped to the canvas. The pair is made
+    on the window and the margin cut away afterwards, so anatomy the deformation pulls in from
+    outside the crop is real anatomy, not padding. Returns ``(image, labels, start)``."""
+    size = [int(c) + 2 * int(margin) for c in crop]
+    shape = image.shape[2:]
+    if any(w > n for w, n in zip(size, shape)):
+        raise ValueError(f"crop {tuple(crop)} with margin {margin} does not fit the canvas "
+                         f"{tuple(shape)}")
+    foreground = (labels[0, 0] > 0) if bool((labels > 0).any()) else (image[0, 0] > 0.05)
+    points = foreground.nonzero()
+    if len(points):
+        centre = points[int(torch.randint(len(points), (), generator=generator))].tolist()
+    else:
+        centre = [n // 2 for n in shape]
+    start = [min(max(c - w // 2, 0), n - w) for c, w, n in zip(centre, size, shape)]
+    region = (slice(None), slice(None)) + tuple(slice(s, s + w) for s, w in zip(start, size))
+    return image[region], labels[region], start
+
+
 def canvas_shape(shapes: Sequence[Sequence[int]], multiple: int) -> Tuple[int, int, int]:
     """The smallest shape that holds every volume, each side a multiple of ``multiple``."""
     return tuple(int(math.ceil(max(s[axis] for s in shapes) / multiple) * multiple)
@@ -312,6 +402,8 @@ class PairGenerator:
         volumes = [load_source(s) if isinstance(s, str) else s for s in sources]
         if not volumes:
             raise ValueError("no training sources given")
+        if self.config.canonical:
+            volumes = [v.oriented() for v in volumes]
         working = [v.resampled(self.config.spacing_mm) for v in volumes]
         if canvas is False:
             self.canvas = None
@@ -344,12 +436,24 @@ class PairGenerator:
         moving_noise = generator_for(seed, stream, index, 3)
         choice = int(torch.randint(len(self.volumes), (), generator=geometry))
         prepared = self.volumes[choice if source is None else source]
-        shape = tuple(prepared.image.shape[2:])
+        template, template_labels, window = prepared.image, prepared.labels, None
+        if config.crop_shape:
+            template, template_labels, window = random_window(
+                template, template_labels, config.crop_shape, config.crop_margin, geometry)
+        shape = tuple(template.shape[2:])
         factor = float(_uniform(geometry, *config.magnitude_range))
 
         # geometry (its own random stream)
-        subject = exponential(multiscale_velocity(shape, geometry, config,
-                                                         factor * config.subject_fraction))
+        if config.subject_scales:  # a new "subject": its own deformation, independent strength
+            subject_factor = float(_uniform(geometry, *config.subject_magnitude_range))
+            subject = exponential(scales_velocity(shape, geometry, config, config.subject_scales,
+                                                  subject_factor))
+        else:
+            subject = exponential(multiscale_velocity(shape, geometry, config,
+                                                      factor * config.subject_fraction))
+        if config.framing_shift_mm:  # the anatomy off-centre on the canvas (both images)
+            shift = _uniform(geometry, -1, 1, (3,)) * (config.framing_shift_mm / config.spacing_mm)
+            subject = compose(subject, shift.view(1, 3, 1, 1, 1).expand(1, 3, *shape).clone())
         velocity = multiscale_velocity(shape, geometry, config, factor)
         use_affine = float(_uniform(geometry)) < config.affine_probability
         matrix = random_affine(geometry, config) if use_affine else \
@@ -363,24 +467,36 @@ class PairGenerator:
         multimodal = float(_uniform(intensity)) < config.contrast_probability \
             if contrast is None else bool(contrast)
         with torch.no_grad():
-            fixed_labels = warp(prepared.labels.float(), subject, mode="nearest",
+            fixed_labels = warp(template_labels.float(), subject, mode="nearest",
                                 padding_mode="zeros")
             moving_labels = warp(fixed_labels, generating, mode="nearest", padding_mode="zeros")
-            fixed_clean = warp(prepared.image, subject, padding_mode="zeros")
+            second = label_contrast(template, template_labels, intensity, config) \
+                if multimodal else None
+            # SynthMorph-like: both images repainted in one random label-driven contrast, so
+            # a same-contrast similarity still applies but the network cannot learn one look
+            if config.synthesis_probability and \
+                    float(_uniform(intensity)) < config.synthesis_probability:
+                template = label_contrast(template, template_labels, intensity, config)
+            fixed_clean = warp(template, subject, padding_mode="zeros")
             if multimodal:
-                second = label_contrast(prepared.image, prepared.labels, intensity, config)
                 moving_source = warp(second, subject, padding_mode="zeros")
             else:
                 moving_source = fixed_clean
             moving_clean = warp(moving_source, generating, padding_mode="zeros")
             fixed = augment_intensity(fixed_clean, fixed_noise, config)
             moving = augment_intensity(moving_clean, moving_noise, config)
+        tensors = [fixed, moving, fixed_labels.long(), moving_labels.long(), displacement,
+                   generating, fixed_clean, moving_clean, moving_source]
+        if window is not None:  # cut the margin away: content moved in from outside is real
+            inner = (slice(None), slice(None)) + tuple(
+                slice(config.crop_margin, config.crop_margin + n) for n in config.crop_shape)
+            tensors = [t[inner].contiguous() for t in tensors]
         info = {"index": int(index), "stream": int(stream), "factor": factor,
                 "affine": matrix[0].tolist(), "source": prepared.volume.name,
-                "max_gt_displacement_mm": float(displacement.abs().max()) * config.spacing_mm}
-        return Pair(fixed, moving, fixed_labels.long(), moving_labels.long(), displacement,
-                    generating, fixed_clean, moving_clean, moving_source,
-                    prepared.volume.name, multimodal, info)
+                "max_gt_displacement_mm": float(tensors[4].abs().max()) * config.spacing_mm}
+        if window is not None:
+            info["window_start"] = window
+        return Pair(*tensors, prepared.volume.name, multimodal, info)
 
     def prepared_for(self, pair: Pair) -> PreparedVolume:
         return self.volumes[self.names.index(pair.source)] if pair.source in self.names \
@@ -416,7 +532,8 @@ class PairGenerator:
     def validation_pairs(self, count: int = 6) -> List[Pair]:
         """Fixed held-out cases: the validation stream with its own seed (the same cases for
         every training seed), sources in turn, deformation strength rising from 30% to 100%,
-        every third case multi-modal."""
+        every third case multi-modal; on windows of ``crop_shape`` when the generator trains on
+        windows (a whole 2 mm canvas costs minutes per validation on a CPU)."""
         pairs = []
         for n in range(count):
             strength = 0.3 + 0.7 * n / max(count - 1, 1)

@@ -91,6 +91,7 @@ from DeepRegistrationLib.metrics import (dice, folding_percent, jacobian_determi
 from DeepRegistrationLib.spatial import warp
 
 from .data import parse_sources
+from .recipes import get_recipe
 from .synth import VALIDATION_SEED, PairGenerator, SynthConfig
 
 LossFunction = Callable[..., Tuple[torch.Tensor, Dict[str, float]]]
@@ -239,6 +240,8 @@ class TrainOptions:
     coarse_batch_size: Optional[int] = None
     progress: bool = True
     log_every: int = 10
+    recipe: Optional[str] = None     # training.recipes: sources, synthetic data, stages, grid
+    unseen_sources: Sequence[str] = ()  # validated (logged, in the card), never trained on
 
 
 class ProgressBar:
@@ -294,28 +297,41 @@ def side_paths(output: str) -> Dict[str, str]:
     return {"log": stem + ".log", "resume": stem + ".resume.pt", "card": stem + ".json"}
 
 
-def resolve_curriculum(spec: MethodSpec, options: TrainOptions, spacing: float
-                       ) -> Optional[Dict]:
-    """The coarse stage as ``{"spacing_mm", "fraction", "batch_size", "steps"}``, or None (off,
-    or not coarser than the working grid)."""
-    base = spec.training.get("curriculum", DEFAULT_CURRICULUM)
-    if base is None and options.coarse_spacing_mm is None:
-        return None
-    base = dict(DEFAULT_CURRICULUM, **(base or {}))
+def resolve_curriculum(spec: MethodSpec, options: TrainOptions, spacing: float,
+                       stages: Optional[List[Dict]] = None) -> List[Dict]:
+    """The coarse stages before the working grid, coarse to fine: each
+    ``{"spacing_mm", "fraction", "batch_size", "steps"}`` where ``steps`` is the first step
+    *after* the stage (cumulative). ``stages`` (a recipe's) or the spec's ``curriculum`` (one dict
+    or a list) or the default; the ``--coarse-*`` options change the first stage (spacing 0
+    switches the curriculum off). Stages not coarser than the working grid are dropped."""
+    if stages is None:
+        base = spec.training.get("curriculum", DEFAULT_CURRICULUM)
+        if base is None and options.coarse_spacing_mm is None:
+            return []
+        base = base if isinstance(base, list) else [base or {}]
+        stages = [dict(DEFAULT_CURRICULUM, **b) for b in base]
+    stages = [dict(s) for s in stages]
+    first = stages[0]
     if options.coarse_spacing_mm is not None:
-        base["spacing_mm"] = float(options.coarse_spacing_mm)
+        first["spacing_mm"] = float(options.coarse_spacing_mm)
     if options.coarse_fraction is not None:
-        base["fraction"] = float(options.coarse_fraction)
+        first["fraction"] = float(options.coarse_fraction)
     if options.coarse_batch_size is not None:
-        base["batch_size"] = int(options.coarse_batch_size)
-    if not 0.0 <= base["fraction"] < 1.0:
-        raise UserInputError("--coarse-fraction must be in [0, 1)")
-    if base["batch_size"] < 1:
+        first["batch_size"] = int(options.coarse_batch_size)
+    if not 0.0 <= sum(s["fraction"] for s in stages) < 1.0 or \
+            any(s["fraction"] < 0 for s in stages):
+        raise UserInputError("--coarse-fraction must be in [0, 1) (with the other stages, the "
+                             "coarse share of the steps must stay below 1)")
+    if any(s["batch_size"] < 1 for s in stages):
         raise UserInputError("--coarse-batch-size must be at least 1")
-    steps = int(round(base["fraction"] * options.iterations))
-    if not base["spacing_mm"] or base["spacing_mm"] <= spacing or steps == 0:
-        return None
-    return dict(base, steps=steps)
+    resolved, end = [], 0
+    for stage in stages:
+        steps = int(round(stage["fraction"] * options.iterations))
+        if not stage["spacing_mm"] or stage["spacing_mm"] <= spacing or steps == 0:
+            continue
+        end += steps
+        resolved.append(dict(stage, steps=end))
+    return resolved
 
 
 def learning_rate_factor(step: int, iterations: int) -> float:
@@ -349,10 +365,15 @@ def train(options: TrainOptions) -> Dict:
         raise UserInputError(f"unknown config key(s) {', '.join(sorted(unknown))} for "
                              f"'{spec.name}'; its config is {json.dumps(spec.config)}")
     config = dict(spec.config, **(options.config or {}))
-    spacing = float(options.spacing_mm or spec.working_spacing_mm or 4.0)
+    recipe = get_recipe(options.recipe) if options.recipe else None
+    recipe_plan = recipe.for_method(int(spec.training.get("batch_size", 4))) if recipe else {}
+    spacing = float(options.spacing_mm or (recipe.spacing_mm if recipe else None)
+                    or spec.working_spacing_mm or 4.0)
     lr = float(options.lr or spec.training.get("lr", 1e-3))
-    batch_size = int(options.batch_size or spec.training.get("batch_size", 1))
+    batch_size = int(options.batch_size or recipe_plan.get("batch_size")
+                     or spec.training.get("batch_size", 1))
     sources = list(options.sources)
+    unseen = list(options.unseen_sources)
     for name in sources:
         if isinstance(name, str):
             parse_sources(name)  # clear install message for a missing source
@@ -372,36 +393,55 @@ def train(options: TrainOptions) -> Dict:
                                                scheduler, log)
 
     try:
+        # SynthConfig defaults < the method's own < the recipe's < --synth
         synth = SynthConfig(**{"spacing_mm": spacing, "multiple": max(spec.size_multiple, 1),
                                **_tuples(spec.training.get("synth") or {}),
+                               **_tuples(recipe.synth if recipe else {}),
+                               **({"crop_shape": recipe.crop} if recipe and recipe.crop else {}),
                                **_tuples(options.synth or {})})
     except TypeError as error:
         raise UserInputError(f"bad synthetic-data option: {error}") from None
     generator = PairGenerator(sources, synth, seed=options.seed)
-    coarse = resolve_curriculum(spec, options, spacing)
-    coarse_generator = None
-    if coarse:
-        coarse_generator = PairGenerator(sources, replace(synth, spacing_mm=coarse["spacing_mm"]),
-                                         seed=options.seed)
-    first_fine_step = coarse["steps"] if coarse else 0
+    stages = resolve_curriculum(spec, options, spacing,
+                                recipe_plan.get("stages") if recipe else None)
+    # a coarse stage trains on whole canvases unless it names its own windows ("crop")
+    stage_generators = [PairGenerator(sources, replace(
+        synth, spacing_mm=st["spacing_mm"],
+        crop_shape=tuple(st["crop"]) if st.get("crop") else None), seed=options.seed)
+        for st in stages]
+    first_fine_step = stages[-1]["steps"] if stages else 0
     validation = generator.validation_pairs(options.val_cases)
     baseline = identity_metrics(validation, spacing)
-    # during the coarse stage the network is validated where it trains (the same cases on the
-    # coarse grid), so the log shows its progress; only working-grid results compete for "best"
-    coarse_validation = coarse_generator.validation_pairs(options.val_cases) if coarse else None
+    # during a coarse stage the network is validated where it trains (the same cases on the
+    # stage's grid), so the log shows its progress; only working-grid results compete for "best"
+    stage_validation = [g.validation_pairs(options.val_cases) for g in stage_generators]
+    # anatomy the network never trains on: logged and kept in the card, never used to choose
+    unseen_generator = PairGenerator(unseen, synth, seed=options.seed) if unseen else None
+    unseen_validation = unseen_generator.validation_pairs(options.val_cases) if unseen else []
+    unseen_baseline = identity_metrics(unseen_validation, spacing) if unseen else None
     loss_fn = make_loss_fn(spec)
     parameters = sum(p.numel() for p in network.parameters())
     log(f"train {spec.name}: {parameters} parameters, config {json.dumps(config)}, sources "
         f"{generator.names}, canvas {generator.canvas} at {spacing} mm, batch {batch_size}, "
         f"lr {lr}, iterations {options.iterations}, seed {options.seed}, start step {step}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    if coarse:
-        log(f"curriculum: steps 0-{coarse['steps'] - 1} at {coarse['spacing_mm']} mm (canvas "
-            f"{coarse_generator.canvas}, batch {coarse['batch_size']}), then {spacing} mm")
+    if recipe:
+        log(f"recipe {recipe.name}: {json.dumps(recipe.describe())}")
+    begin = 0
+    for stage, stage_generator in zip(stages, stage_generators):
+        log(f"curriculum: steps {begin}-{stage['steps'] - 1} at {stage['spacing_mm']} mm "
+            f"(canvas {stage_generator.canvas}, batch {stage['batch_size']})")
+        begin = stage["steps"]
+    if stages:
+        log(f"curriculum: then {spacing} mm"
+            + (f" on {tuple(synth.crop_shape)} windows" if synth.crop_shape else ""))
     log(f"validation: {len(validation)} cases (seed {VALIDATION_SEED}); identity {_fmt(baseline)}")
-    if coarse:
-        log(f"validation at {coarse['spacing_mm']} mm (coarse stage): identity "
-            f"{_fmt(identity_metrics(coarse_validation, coarse['spacing_mm']))}")
+    for stage, pairs in zip(stages, stage_validation):
+        log(f"validation at {stage['spacing_mm']} mm (coarse stage): identity "
+            f"{_fmt(identity_metrics(pairs, stage['spacing_mm']))}")
+    if unseen:
+        log(f"unseen-anatomy validation ({', '.join(unseen_generator.names)}): identity "
+            f"{_fmt(unseen_baseline)}")
 
     def card_for(metrics: Dict, at_step: int) -> Dict:
         return {
@@ -413,7 +453,8 @@ def train(options: TrainOptions) -> Dict:
                          "schedule": "linear warm-up 5%, constant to 50%, half-cosine decay "
                                      "to 0.1 x lr",
                          "gradient_clip_norm": 10.0, "seed": options.seed,
-                         "curriculum": coarse,
+                         "curriculum": stages,
+                         "recipe": recipe.describe() if recipe else None,
                          "overfit_items": options.overfit or None,
                          "losses": describe_losses(spec),
                          "wall_time_seconds": round(elapsed, 1),
@@ -422,22 +463,32 @@ def train(options: TrainOptions) -> Dict:
                          "torch_version": torch.__version__,
                          "python": platform.python_version()},
             "validation": {"cases": len(validation), "seed": VALIDATION_SEED, "step": at_step,
-                           "metrics": metrics, "identity": baseline, "history": history},
+                           "metrics": metrics, "identity": baseline, "history": history,
+                           "sources": list(generator.names)},
+            "unseen_validation": {"sources": list(unseen_generator.names),
+                                  "identity": unseen_baseline,
+                                  "metrics": unseen_metrics} if unseen else None,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
         }
 
+    unseen_metrics = None
+
     def run_validation(at_step: int) -> None:
-        nonlocal best
-        if coarse and at_step < first_fine_step:
-            metrics = validate(network, coarse_validation, loss_fn, spec, config,
-                               coarse["spacing_mm"])
-            history.append(dict(metrics, step=at_step, spacing_mm=coarse["spacing_mm"]))
-            log(f"step {at_step}: validation at {coarse['spacing_mm']} mm {_fmt(metrics)}")
-            return
+        nonlocal best, unseen_metrics
+        for stage, pairs in zip(stages, stage_validation):
+            if at_step < stage["steps"]:
+                metrics = validate(network, pairs, loss_fn, spec, config, stage["spacing_mm"])
+                history.append(dict(metrics, step=at_step, spacing_mm=stage["spacing_mm"]))
+                log(f"step {at_step}: validation at {stage['spacing_mm']} mm {_fmt(metrics)}")
+                return
         metrics = validate(network, validation, loss_fn, spec, config, spacing)
         history.append(dict(metrics, step=at_step, spacing_mm=spacing))
         log(f"step {at_step}: validation {_fmt(metrics)}")
+        if unseen:
+            unseen_metrics = validate(network, unseen_validation, loss_fn, spec, config, spacing)
+            history[-1]["unseen"] = unseen_metrics
+            log(f"step {at_step}: unseen-anatomy validation {_fmt(unseen_metrics)}")
         score = (metrics["dice"], -metrics["loss"])
         if at_step > first_fine_step and (best is None or score > tuple(best["score"])):
             best = {"score": list(score), "step": at_step, "metrics": metrics}
@@ -453,8 +504,11 @@ def train(options: TrainOptions) -> Dict:
 
     def batch_at(index: int) -> Dict:
         """Batch ``index`` of the stage's generator (resumable: ``PairGenerator.batch_number``)."""
-        source, size = ((coarse_generator, coarse["batch_size"]) if index < first_fine_step
-                        else (generator, batch_size))
+        source, size = generator, batch_size
+        for stage, stage_generator in zip(stages, stage_generators):
+            if index < stage["steps"]:
+                source, size = stage_generator, stage["batch_size"]
+                break
         return dict(source.batch_number(index, size, options.overfit or None),
                     spacing_mm=source.config.spacing_mm)  # the stage's grid, for the loss_fn
     losses_seen: List[float] = []

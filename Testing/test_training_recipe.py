@@ -1,0 +1,169 @@
+"""The generalising training recipe: each widening of the data does what it says and nothing
+else, the curriculum runs its stages in order, and unseen anatomy is validated, never trained."""
+import dataclasses
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import blob_volume, make_image
+from DeepRegistrationLib.errors import UserInputError
+from DeepRegistrationLib.images import image_from_array
+from DeepRegistrationLib.spatial import warp
+from test_training_loop import TINY, vm_diff_copy
+from training import __main__ as training_cli
+from training.data import Volume
+from training.recipes import GENERAL, RECIPES, get_recipe
+from training.synth import PairGenerator, SynthConfig, acquisition_effects, random_window
+from training.train import TrainOptions, resolve_curriculum, soft_dice_loss, train
+
+
+def coronal_blobs(name="blobs", shape=(30, 26, 34), seed=3):
+    """A labelled blob volume stored with coronal direction cosines (like the ITK T1 head)."""
+    array = blob_volume(shape, seed=seed, blobs=16)
+    image = make_image(array, spacing=(4.0, 4.0, 4.0), origin=(-60.0, -50.0, -70.0))
+    image.SetDirection((1, 0, 0, 0, 0, -1, 0, 1, 0))
+    labels = np.digitize(array, [0.25, 0.5, 0.8]).astype(np.int32)
+    return Volume(name, image, image_from_array(labels, image), {1: "a", 2: "b", 3: "c"}, "T1",
+                  "test blobs")
+
+
+def test_canonical_sources_are_reoriented_like_dicomorient_without_resampling():
+    volume = coronal_blobs()
+    oriented = volume.oriented()
+    assert np.allclose(oriented.image.GetDirection(), np.eye(3).ravel())
+    reference = sitk.DICOMOrient(volume.image, "LPS")
+    assert np.array_equal(sitk.GetArrayFromImage(oriented.image),
+                          sitk.GetArrayFromImage(reference))
+    # the same physical point holds the same value (a permutation/flip, no interpolation)
+    point = volume.image.TransformIndexToPhysicalPoint((5, 7, 9))
+    index = oriented.image.TransformPhysicalPointToIndex(point)
+    assert oriented.image[index] == volume.image[5, 7, 9]
+    assert oriented.labels[index] == volume.labels[5, 7, 9]
+    generator = PairGenerator([volume], SynthConfig(spacing_mm=4.0, canonical=True), seed=0)
+    assert np.allclose(generator.volumes[0].reference.GetDirection(), np.eye(3).ravel())
+
+
+def test_windows_keep_the_ground_truth_exact_and_sit_on_the_anatomy():
+    config = SynthConfig(spacing_mm=4.0, crop_shape=(16, 16, 16), crop_margin=4,
+                         augment_probability=0.0, contrast_probability=0.0)
+    generator = PairGenerator([coronal_blobs(shape=(40, 44, 40))], config, seed=2)
+    for index in range(3):
+        pair = generator.pair(index)
+        for name in ("fixed", "moving", "fixed_labels", "moving_labels", "displacement"):
+            assert tuple(getattr(pair, name).shape[2:]) == (16, 16, 16), name
+        assert bool((pair.fixed_labels > 0).any())
+        # moving_clean = warp(moving_source, generating) holds on the window itself: the pair
+        # was made on the larger window and cut, so nothing near the border is padding
+        again = warp(pair.moving_source, pair.generating, padding_mode="zeros")
+        inner = (slice(None), slice(None)) + (slice(3, -3),) * 3
+        assert torch.allclose(again[inner], pair.moving_clean[inner], atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        random_window(torch.zeros(1, 1, 20, 20, 20), torch.zeros(1, 1, 20, 20, 20, dtype=torch.long),
+                      (16, 16, 16), 4, torch.Generator().manual_seed(0))
+    # validation cases come on windows too, the same ones every time
+    first = generator.validation_pairs(2)
+    second = generator.validation_pairs(2)
+    assert all(tuple(p.fixed.shape[2:]) == (16, 16, 16) for p in first)
+    assert torch.equal(first[1].moving, second[1].moving)
+
+
+def test_synthesis_and_acquisition_effects_change_intensities_only():
+    base = SynthConfig(spacing_mm=4.0, augment_probability=0.0, contrast_probability=0.0)
+    plain = PairGenerator([coronal_blobs()], base, seed=5)
+    painted = PairGenerator([coronal_blobs()], dataclasses.replace(
+        base, synthesis_probability=1.0), seed=5)
+    a, b = plain.pair(1), painted.pair(1)
+    assert torch.equal(a.fixed_labels, b.fixed_labels)
+    assert torch.equal(a.displacement, b.displacement)
+    assert not torch.allclose(a.fixed, b.fixed, atol=0.05)
+    # both images share the new contrast: the moving image is the fixed one, warped
+    assert torch.allclose(b.moving_clean, warp(b.moving_source, b.generating,
+                                               padding_mode="zeros"), atol=1e-5)
+    assert torch.equal(b.moving_source, b.fixed_clean)
+
+
+def test_thick_slices_blur_one_axis_and_partial_coverage_cuts_a_slab():
+    image = torch.rand(1, 1, 24, 24, 24, generator=torch.Generator().manual_seed(0))
+    config = SynthConfig(thick_slice_probability=1.0, thick_slice_factor=(4.0, 4.0))
+    out = acquisition_effects(image, torch.Generator().manual_seed(1), config)
+    roughness = [float(out.diff(dim=d).abs().mean()) for d in (2, 3, 4)]
+    original = float(image.diff(dim=2).abs().mean())
+    assert min(roughness) < 0.3 * original < max(roughness)   # one axis smooth, others not
+    config = SynthConfig(partial_coverage_probability=1.0, partial_coverage_max=0.25)
+    cut = acquisition_effects(image + 0.5, torch.Generator().manual_seed(3), config)
+    zero_planes = [int((cut[0, 0].abs().amax(dim=tuple(a for a in range(3) if a != d)) == 0)
+                       .sum()) for d in range(3)]
+    assert 1 <= max(zero_planes) <= 6 and sorted(zero_planes)[:2] == [0, 0]
+    # probability 0: nothing drawn, nothing changed
+    untouched = acquisition_effects(image, torch.Generator().manual_seed(1), SynthConfig())
+    assert torch.equal(untouched, image)
+
+
+def test_new_subjects_and_independent_scales_widen_the_deformations():
+    config = SynthConfig(spacing_mm=4.0, augment_probability=0.0, contrast_probability=0.0,
+                         independent_scales=True,
+                         subject_scales=((24.0, 6.0), (12.0, 3.0)), framing_shift_mm=12.0)
+    generator = PairGenerator([coronal_blobs()], config, seed=4)
+    template = generator.volumes[0].labels
+    changed = [float((generator.pair(i).fixed_labels != template).float().mean())
+               for i in range(3)]
+    assert min(changed) > 0.02          # every pair is a new "subject"
+    magnitudes = [float(generator.pair(i).displacement.norm(dim=1).mean()) for i in range(6)]
+    assert max(magnitudes) > 1.5 * min(magnitudes)   # strengths vary pair to pair
+
+
+def test_recipe_stages_scale_with_the_method_and_run_in_order():
+    assert get_recipe("general") is GENERAL and set(RECIPES) >= {"general"}
+    with pytest.raises(UserInputError, match="unknown recipe"):
+        get_recipe("nope")
+    assert not set(GENERAL.sources) & set(GENERAL.unseen)
+    vtn_plan = GENERAL.for_method(2)
+    assert [s["batch_size"] for s in vtn_plan["stages"]] == [4, 2] and vtn_plan["batch_size"] == 1
+    spec = dataclasses.replace(__import__("DeepRegistrationLib.methods", fromlist=["get_method"])
+                               .get_method("vm-diff"))
+    stages = resolve_curriculum(spec, TrainOptions(method="vm-diff", output="x", iterations=100),
+                                2.0, GENERAL.for_method(4)["stages"])
+    assert [(s["spacing_mm"], s["steps"]) for s in stages] == [(8.0, 30), (4.0, 60)]
+    # a stage no coarser than the working grid is dropped
+    stages = resolve_curriculum(spec, TrainOptions(method="vm-diff", output="x", iterations=100),
+                                4.0, GENERAL.for_method(4)["stages"])
+    assert [s["spacing_mm"] for s in stages] == [8.0]
+
+
+def test_unseen_anatomy_is_validated_and_recorded_but_never_trained_on(tmp_path):
+    seen_sources = []
+
+    def loss_fn(network, fixed, moving, batch):
+        if batch["training"]:
+            seen_sources.extend(batch["source"])
+        displacement = network(fixed, moving)
+        return soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], displacement), {}
+
+    seen = coronal_blobs("seen", seed=3)
+    unseen = coronal_blobs("held-out", seed=9)
+    curriculum = [{"spacing_mm": 8.0, "fraction": 0.25, "batch_size": 2},
+                  {"spacing_mm": 6.0, "fraction": 0.25, "batch_size": 1}]
+    with vm_diff_copy("recipe-test", {"loss_fn": loss_fn, "lr": 1e-3,
+                                      "curriculum": curriculum}):
+        card = train(TrainOptions(method="recipe-test", output=str(tmp_path / "r.pt"),
+                                  iterations=4, sources=[seen], unseen_sources=[unseen],
+                                  val_every=1, val_cases=1, batch_size=1, spacing_mm=4.0,
+                                  config=TINY, progress=False))
+    assert set(seen_sources) == {"seen"}
+    history = card["validation"]["history"]
+    assert [h["spacing_mm"] for h in history] == [8.0, 6.0, 4.0, 4.0, 4.0]
+    assert "unseen" in history[-1] and "unseen" not in history[0]
+    assert card["unseen_validation"]["sources"] == ["held-out"]
+    assert set(card["unseen_validation"]["metrics"]) >= {"dice", "gt_error_mm"}
+    assert card["validation"]["sources"] == ["seen"]
+
+
+def test_training_cli_refuses_a_source_that_is_also_held_out(capsys, tmp_path):
+    code = training_cli.main(["train", "--method", "vm-diff", "--source", "mni152",
+                              "--unseen", "mni152", "--iterations", "1",
+                              "--output", str(tmp_path / "x.pt")])
+    assert code == 2
+    assert "both trained on and held out" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -1,0 +1,97 @@
+"""Training recipes: what data a network sees and on which grids, named so a model card can say.
+
+``general`` is the recipe the shipped networks are trained with. It exists because the first
+checkpoints, trained on deformations of the MNI152 template alone at 4 mm, did nothing useful on
+anatomy they had not seen (issue #15): they learned one image's look, one framing and one family
+of deformations. The recipe widens every one of those, within what two CPU cores can train:
+
+- **anatomy**: every installed source but the one held out for the unseen-anatomy evaluation
+  (``itk-t1``, a real single-subject brain), each turned into a new "subject" per pair by its own
+  strong random diffeomorphism, and in 30% of the pairs repainted in a random label-driven
+  contrast (SynthMorph-like; both images in the same contrast, so same-contrast losses apply);
+- **orientation**: sources in the canonical (DICOMOrient "LPS") axis order the engine feeds
+  networks; **framing**: anatomy up to 20 mm off-centre, slabs cut off one image (partial
+  coverage), and at 2 mm random windows around the anatomy rather than the whole canvas;
+- **resolution and sharpness**: thick-slice simulation on one axis (2-5x), unsharp masking or
+  blur, gamma, bias and noise as real scanners differ;
+- **pose**: a residual affine (rotation up to 5 degrees, shifts up to 6 mm per axis (10 mm in all), 5% scaling, 3% shear)
+  -- what is left after the engine's global stage;
+- **deformations**: four scales from 64 mm to 12 mm control spacing, each with its own random
+  strength (fine 1-3 mm cortical-scale detail to coarse displacements of up to about 15 mm);
+- **grids**: a curriculum 8 mm (large batches) -> 4 mm windows of 192 mm -> 2 mm windows of
+  128-160 mm (a window costs a fraction of the whole canvas), so the finest level can
+  express 2 mm deformations (the 4 mm grid of the first checkpoints could not: a 2 mm displacement
+  is half a voxel there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from DeepRegistrationLib.errors import UserInputError
+
+
+@dataclass
+class Recipe:
+    name: str
+    sources: Tuple[str, ...]                  # trained on (those installed)
+    unseen: Tuple[str, ...]                   # validated on, never trained on
+    synth: Dict                               # SynthConfig overrides
+    spacing_mm: float                         # the last stage's grid (the network's working grid)
+    crop: Optional[Tuple[int, int, int]]      # the last stage trains on windows of this shape
+    stages: List[Dict] = field(default_factory=list)  # coarse stages before it
+    batch_size: int = 2                       # last stage's batch for a batch-4 method
+
+    def for_method(self, reference_batch: int) -> Dict:
+        """Stage batch sizes scaled by the method's own default batch (4 = as written): VTN trains
+        each pair both ways (batch 2), MS-R2Net is heavier (batch 1)."""
+        factor = max(reference_batch, 1) / 4.0
+        stages = [dict(s, batch_size=max(int(round(s["batch_size"] * factor)), 1))
+                  for s in self.stages]
+        return {"stages": stages, "batch_size": max(int(round(self.batch_size * factor)), 1)}
+
+    def describe(self) -> Dict:
+        return {"name": self.name, "sources": list(self.sources), "unseen": list(self.unseen),
+                "synth": {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in self.synth.items()},
+                "spacing_mm": self.spacing_mm, "crop": list(self.crop) if self.crop else None,
+                "stages": self.stages, "batch_size": self.batch_size}
+
+
+GENERAL = Recipe(
+    name="general",
+    sources=("mni152", "pydeface", "invesalius-ct"),
+    unseen=("itk-t1",),
+    synth={
+        "canonical": True,
+        "independent_scales": True,
+        "velocity_scales": ((64.0, 6.0), (32.0, 4.0), (16.0, 2.5), (12.0, 1.5)),
+        "magnitude_range": (0.1, 1.0),
+        "subject_scales": ((48.0, 6.0), (24.0, 3.0), (12.0, 2.0)),
+        "subject_magnitude_range": (0.3, 1.0),
+        "rotation_degrees": 5.0, "translation_mm": 6.0, "scaling": 0.05, "shear": 0.03,
+        "affine_probability": 0.8,
+        "gamma_std": 0.3, "bias_amplitude": 0.35, "blur_max_voxels": 1.0, "noise_max": 0.04,
+        "synthesis_probability": 0.3,
+        "framing_shift_mm": 20.0,
+        "partial_coverage_probability": 0.2, "partial_coverage_max": 0.2,
+        "thick_slice_probability": 0.2, "thick_slice_factor": (2.0, 5.0),
+        "sharpen_probability": 0.3, "sharpen_max": 1.0,
+        "crop_margin": 8,
+    },
+    spacing_mm=2.0,
+    crop=(64, 80, 64),
+    stages=[{"spacing_mm": 8.0, "fraction": 0.3, "batch_size": 8},
+            {"spacing_mm": 4.0, "fraction": 0.3, "batch_size": 4, "crop": (48, 48, 48)}],
+    batch_size=2,
+)
+
+RECIPES = {"general": GENERAL}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UserInputError(f"unknown recipe '{name}'; choose from {', '.join(RECIPES)}") \
+            from None
