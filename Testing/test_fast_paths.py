@@ -18,8 +18,10 @@ from DeepRegistrationLib.images import (parallel_grid_sample, physical_grid, sam
                                         sample_displaced, write_image)
 from DeepRegistrationLib.methods import instance_optimisation as io
 from DeepRegistrationLib.methods.base import pyramid_shapes
+from DeepRegistrationLib.metrics import (jacobian_determinant_map,
+                                         strict_jacobian_determinant_map)
 from DeepRegistrationLib.outputs import (_physical_vectors, displacement_to_physical,
-                                         grid_lines, warped_grid)
+                                         grid_lines, jacobian_maps, warped_grid)
 from DeepRegistrationLib.progress import ProgressScope
 from DeepRegistrationLib.spatial import integrate_velocity, resize_image, warp
 from conftest import blob_volume, make_image, oblique_direction
@@ -166,6 +168,15 @@ def test_fast_output_computations_match_the_spatial_kit():
                            direction=oblique_direction(0.4))
     assert np.abs(_physical_vectors(displacement, reference)
                   - displacement_to_physical(displacement, reference)).max() < 1e-4
+
+
+def test_both_jacobian_maps_from_one_pass_equal_the_metrics():
+    generator = torch.Generator().manual_seed(9)
+    displacement = torch.randn(1, 3, 37, 12, 14, generator=generator) * 0.6  # folds somewhere
+    central, strict = jacobian_maps(displacement, slab=8)
+    assert np.abs(central - jacobian_determinant_map(displacement)).max() < 1e-12
+    assert np.array_equal(strict, strict_jacobian_determinant_map(displacement))
+    assert (strict <= 0).any() and (strict <= central + 1e-12).all()
 
 
 def test_write_image_levels(tmp_path):
