@@ -48,7 +48,10 @@ The method, as in the paper (equation numbers of the arXiv version in brackets):
   directions contribute their Table I losses (averaged). Being a sum in squared voxels, the term
   grows with the grid (``losses.invertibility_loss``): on the 4 mm training canvas (48x64x64) the
   central region has 24,576 voxels, on the 8 mm curriculum stage 3,072, on the paper's 128^3
-  volumes 262,144.
+  volumes 262,144. At that weight a training run of CPU length stays at the identity (both
+  directions predict zero flow, which is perfectly inverse-consistent: measured on a tiny
+  problem in Testing/test_vtn.py and in a 2 mm run of the full network), so "+inv" is off by
+  default and ``"invertibility_weight"`` scales it when switched on.
   Synthetic pairs in two contrasts are trained in one (``same_contrast``): 1 - CorrCoef is a
   same-contrast similarity. Config ``"similarity": "lncc"`` swaps in local NCC (not the paper's).
 
@@ -79,9 +82,12 @@ VARIANTS = ("ADDD", "ADD", "AD", "DDD", "DD", "D")
 # channels after each stride-2 convolution. The paper doubles them per level (16, 32, ..., 512
 # over six levels at 128^3); at 4 mm four (dense) or five (affine) levels reach a 3x4x3 or 2x2x2
 # volume, and narrower coarse levels keep the ADDD checkpoint at about 2.2M parameters (9 MB)
+# "+inv" is off by default: at the paper's weight the invertibility loss keeps a CPU-length
+# training run at the identity (docs/methods/vtn.md, "The invertibility loss"); it is the paper's
+# loss and weight when switched on ({"invertibility": true}), and "invertibility_weight" scales it
 DEFAULT_CONFIG = {"variant": "ADDD", "dense_encoder": [16, 32, 32, 64],
-                  "affine_encoder": [8, 16, 32, 64, 64], "affine_pool": 2, "invertibility": True,
-                  "similarity": "cc"}
+                  "affine_encoder": [8, 16, 32, 64, 64], "affine_pool": 2, "invertibility": False,
+                  "similarity": "cc", "invertibility_weight": 1e-3}
 
 # Table I loss weights as specified for this project (see the module docstring); the authors'
 # public RCN code agrees on det / ortho 0.1 and TV 1 -- docs/methods/vtn.md on what was checked
@@ -91,8 +97,9 @@ AFFINE_ORTHOGONALITY_WEIGHT = 0.1
 DENSE_SIMILARITY_WEIGHTS = (0.0, 0.05, 1.0)   # of the last three dense stages, in order
 DENSE_TV_WEIGHT = 1.0
 # on the unnormalised sum of losses.invertibility_loss, as in the paper (a per-voxel mean with this
-# weight, used before, made "+inv" about 2.5e4 times weaker on the 4 mm canvas: 1-2.5% of the loss)
-INVERTIBILITY_WEIGHT = 1e-3
+# weight, used before, made "+inv" about 2.5e4 times weaker on the 4 mm canvas: 1-2.5% of the loss);
+# the default of config "invertibility_weight"
+INVERTIBILITY_WEIGHT = DEFAULT_CONFIG["invertibility_weight"]
 # the paper's similarity is "cc" (1 - CorrCoef over the volume); "lncc" (local, 5-voxel windows)
 # is offered as a training option -- not the paper's -- for pairs where a global measure is weak
 SIMILARITIES = {"cc": correlation_coefficient_loss,
@@ -196,7 +203,8 @@ class VTN(nn.Module):
 
     def __init__(self, variant: str = "ADDD", dense_encoder: Sequence[int] = (16, 32, 32, 64),
                  affine_encoder: Sequence[int] = (8, 16, 32, 64, 64), affine_pool: int = 2,
-                 invertibility: bool = True, similarity: str = "cc"):
+                 invertibility: bool = False, similarity: str = "cc",
+                 invertibility_weight: float = 1e-3):
         super().__init__()
         self.variant = check_variant(variant)
         if similarity not in SIMILARITIES:
@@ -204,6 +212,7 @@ class VTN(nn.Module):
                                  f"{', '.join(SIMILARITIES)}")
         # training choices, kept with the weights (and in the checkpoint's config)
         self.invertibility = bool(invertibility)
+        self.invertibility_weight = float(invertibility_weight)
         self.similarity = similarity
         self.subnetworks = nn.ModuleList(
             AffineSubnetwork(affine_encoder, affine_pool) if kind == "A"
@@ -253,7 +262,8 @@ class VTN(nn.Module):
 def build_network(config: Dict) -> VTN:
     config = dict(DEFAULT_CONFIG, **(config or {}))
     return VTN(config["variant"], config["dense_encoder"], config["affine_encoder"],
-               config["affine_pool"], config["invertibility"], config["similarity"])
+               config["affine_pool"], config["invertibility"], config["similarity"],
+               config["invertibility_weight"])
 
 
 # ------------------------------------------------------------------------------------ training
@@ -304,8 +314,8 @@ def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
 
     With invertibility the pair is registered both ways in one batch of ``2B`` (fixed to moving
     and moving to fixed), the Table I losses are averaged over both directions, and
-    ``1e-3 * L_inv(f12, f21)`` (the paper's unnormalised sum, ``losses.invertibility_loss``) is
-    added. Second-contrast synthetic pairs are replaced by
+    ``w * L_inv(f12, f21)`` is added: the paper's unnormalised sum (``losses.invertibility_loss``)
+    and, by default, its weight ``w = 1e-3`` (config ``invertibility_weight``). Second-contrast synthetic pairs are replaced by
     same-contrast ones (:func:`same_contrast`).
     """
     moving = same_contrast(fixed, moving, batch)
@@ -320,7 +330,7 @@ def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
     final = stages[-1]["displacement"]
     inverse = invertibility_loss(final[:count], final[count:])
     terms["invertibility"] = float(inverse.detach())
-    return total + INVERTIBILITY_WEIGHT * inverse, terms
+    return total + network.invertibility_weight * inverse, terms
 
 
 # ------------------------------------------------------------------------------------ inference
