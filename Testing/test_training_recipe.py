@@ -167,3 +167,29 @@ def test_training_cli_refuses_a_source_that_is_also_held_out(capsys, tmp_path):
     assert code == 2
     assert "both trained on and held out" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_warm_start_records_the_checkpoint_it_started_from(tmp_path):
+    def loss_fn(network, fixed, moving, batch):
+        displacement = network(fixed, moving)
+        return soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], displacement), {}
+
+    volume = coronal_blobs("seen", seed=3)
+    with vm_diff_copy("warm-test", {"loss_fn": loss_fn, "lr": 1e-3, "curriculum": None}):
+        first = train(TrainOptions(method="warm-test", output=str(tmp_path / "a.pt"),
+                                   iterations=2, sources=[volume], val_every=0, val_cases=1,
+                                   spacing_mm=6.0, config=TINY, progress=False))
+        second = train(TrainOptions(method="warm-test", output=str(tmp_path / "b.pt"),
+                                    iterations=2, sources=[volume], val_every=0, val_cases=1,
+                                    spacing_mm=6.0, config=TINY, progress=False,
+                                    resume=str(tmp_path / "a.pt")))
+        # a resumed run (optimiser state) keeps the record of where its weights began
+        third = train(TrainOptions(method="warm-test", output=str(tmp_path / "b.pt"),
+                                   iterations=3, sources=[volume], val_every=0, val_cases=1,
+                                   spacing_mm=6.0, config=TINY, progress=False,
+                                   resume=str(tmp_path / "b.resume.pt")))
+    assert first["training"]["warm_start"] is None
+    start = second["training"]["warm_start"]
+    assert start["checkpoint"] == "a.pt" and start["sha256"] == first["sha256"]
+    assert start["trained_on"] == ["seen"] and start["iterations"] == 2
+    assert third["training"]["warm_start"] == start

@@ -41,6 +41,11 @@ A mapping read by :func:`loss_terms`:
 ``"synth"``: defaults for ``SynthConfig`` fields (``--synth`` overrides them), e.g. no
     second-contrast pairs for a method trained with a same-contrast similarity.
 ``"loss_fn"``: a callable that replaces all of the above (see below).
+``"before_step"``: ``before_step(network, optimiser, batch) -> terms or None``, called after the
+    gradient is clipped and before ``optimiser.step()`` (e.g. a bilevel upper level that moves
+    loss weights kept in the network's buffers); ``batch["generator"]`` is the batch's
+    ``PairGenerator``, for pairs of its own from another stream; returned terms are logged.
+``"card"``: ``card(network) -> dict`` merged into the model card (e.g. the loss weights).
 
 The special-loss hook: ``spec.training["loss_fn"]``
 ---------------------------------------------------
@@ -73,6 +78,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -85,7 +91,8 @@ import torch.nn.functional as F
 from DeepRegistrationLib import __version__, losses
 from DeepRegistrationLib.errors import UserInputError
 from DeepRegistrationLib.methods import get_method, save_checkpoint
-from DeepRegistrationLib.methods.base import MethodSpec, read_checkpoint
+from DeepRegistrationLib.methods.base import (MethodSpec, read_checkpoint, read_model_card,
+                                          sha256_of)
 from DeepRegistrationLib.metrics import (dice, folding_percent, jacobian_determinant_map, ncc,
                                          sdlogj)
 from DeepRegistrationLib.spatial import warp
@@ -100,7 +107,8 @@ REGULARISERS = {
     "total_variation": losses.total_variation_loss,
     "negative_jacobian": losses.negative_jacobian_loss,
 }
-RESERVED_KEYS = {"similarity", "dice", "lr", "batch_size", "loss_fn", "curriculum", "synth"}
+RESERVED_KEYS = {"similarity", "dice", "lr", "batch_size", "loss_fn", "curriculum", "synth",
+                 "before_step", "card"}
 # the default coarse-to-fine curriculum (``MethodSpec.training["curriculum"]`` overrides it).
 # Measured on MNI152 pairs (vm-diff, LNCC): batch 1 at 4 mm stayed at the identity for 400+ steps
 # (the field of a random pair is mostly an affine the network must first learn to see, and one
@@ -388,9 +396,19 @@ def train(options: TrainOptions) -> Dict:
         optimiser, lambda step: learning_rate_factor(step, options.iterations))
     step, best, history, elapsed = 0, None, [], 0.0
 
+    warm_start = None
     if state is not None:
         step, best, history, elapsed = _resume(state, options.resume, network, optimiser,
                                                scheduler, log)
+        if "optimizer" not in state:  # weights only: say where they came from
+            previous = read_model_card(options.resume) or {}
+            warm_start = {"checkpoint": os.path.basename(options.resume),
+                          "sha256": sha256_of(options.resume),
+                          "trained_on": [s.get("name") for s in
+                                         previous.get("data", {}).get("sources", [])],
+                          "iterations": previous.get("training", {}).get("iterations")}
+        elif state.get("warm_start"):
+            warm_start = state["warm_start"]
 
     try:
         # SynthConfig defaults < the method's own < the recipe's < --synth
@@ -454,6 +472,7 @@ def train(options: TrainOptions) -> Dict:
                                      "to 0.1 x lr",
                          "gradient_clip_norm": 10.0, "seed": options.seed,
                          "curriculum": stages,
+                         "warm_start": warm_start,
                          "recipe": recipe.describe() if recipe else None,
                          "overfit_items": options.overfit or None,
                          "losses": describe_losses(spec),
@@ -468,6 +487,7 @@ def train(options: TrainOptions) -> Dict:
             "unseen_validation": {"sources": list(unseen_generator.names),
                                   "identity": unseen_baseline,
                                   "metrics": unseen_metrics} if unseen else None,
+            **(spec.training["card"](network) if callable(spec.training.get("card")) else {}),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
         }
@@ -499,6 +519,7 @@ def train(options: TrainOptions) -> Dict:
 
     if step == 0:
         run_validation(0)
+    _interrupt_on_sigterm()  # a background run stopped with kill saves its resume state too
     bar = ProgressBar(options.iterations, step, options.progress)
     network.train()
 
@@ -510,7 +531,8 @@ def train(options: TrainOptions) -> Dict:
                 source, size = stage_generator, stage["batch_size"]
                 break
         return dict(source.batch_number(index, size, options.overfit or None),
-                    spacing_mm=source.config.spacing_mm)  # the stage's grid, for the loss_fn
+                    spacing_mm=source.config.spacing_mm,  # the stage's grid, for the loss_fn
+                    generator=source)
     losses_seen: List[float] = []
     running: Dict[str, float] = {}
     tic = time.perf_counter()
@@ -523,6 +545,9 @@ def train(options: TrainOptions) -> Dict:
             optimiser.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
+            if callable(spec.training.get("before_step")):
+                terms = dict(terms, **(spec.training["before_step"](network, optimiser, batch)
+                                       or {}))
             optimiser.step()
             scheduler.step()
             step += 1
@@ -539,7 +564,7 @@ def train(options: TrainOptions) -> Dict:
                 tic = time.perf_counter()
                 run_validation(step)
                 _save_resume(paths["resume"], network, optimiser, scheduler, step, best,
-                             history, elapsed, spec, config, options)
+                             history, elapsed, spec, config, options, warm_start)
         elapsed += time.perf_counter() - tic
         tic = time.perf_counter()
         run_validation(step)
@@ -547,15 +572,26 @@ def train(options: TrainOptions) -> Dict:
         elapsed += time.perf_counter() - tic
         bar.close()
         _save_resume(paths["resume"], network, optimiser, scheduler, step, best, history,
-                     elapsed, spec, config, options)
+                     elapsed, spec, config, options, warm_start)
         log(f"interrupted at step {step}; resume with --resume {paths['resume']}")
         raise
     bar.close()
     _save_resume(paths["resume"], network, optimiser, scheduler, step, best, history, elapsed,
-                 spec, config, options)
+                 spec, config, options, warm_start)
     log(f"done: {step} steps in {elapsed:.1f} s ({elapsed / max(step, 1):.3f} s/step); best "
         f"step {best['step'] if best else None}")
     return _complete_card(paths["card"], history, step, elapsed, losses_seen)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, so ``kill`` of a background run (which ignores SIGINT)
+    saves the resume state like Ctrl-C does."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (tests): nothing to install
+        pass
 
 
 def _complete_card(path: str, history: List[Dict], step: int, elapsed: float,
@@ -589,12 +625,12 @@ def _fmt(values: Dict[str, float]) -> str:
 
 
 def _save_resume(path, network, optimiser, scheduler, step, best, history, elapsed, spec,
-                 config, options) -> None:
+                 config, options, warm_start=None) -> None:
     torch.save({"method": spec.name, "config": config, "state_dict": network.state_dict(),
                 "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "best": best, "history": history, "elapsed": elapsed,
                 "seed": options.seed, "sources": list(map(str, options.sources)),
-                "library_version": __version__}, path + ".tmp")
+                "warm_start": warm_start, "library_version": __version__}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
