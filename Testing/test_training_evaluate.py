@@ -83,3 +83,53 @@ def test_variant_labels_are_planned_and_bad_variants_refused():
     assert runs[0]["label"] == "io" and runs[0]["variant"] is None
     with pytest.raises(UserInputError, match="has no variant"):
         plan_runs(EvaluateOptions(methods=["io@ADDD"], peers=[], output="unused"))
+
+
+def test_bspline_case_truth_is_itks_inverse_and_brings_the_labels_back():
+    """The unseen set's deformation family comes from SimpleITK (random cubic B-spline) and its
+    ground truth from ITK's field inversion: resampling the moving labels through the truth with
+    SimpleITK itself recovers the fixed labels far better than the identity does."""
+    pytest.importorskip("nilearn")
+    case = ev.build_case(ev.CaseSpec("b", "mni152", 6.0, deformation="bspline"), 6.0, 1)
+    assert case.sources == ("mni152",) and case.truth is not None
+    from DeepRegistrationLib.outputs import displacement_field_image
+    field = sitk.Cast(displacement_field_image(case.truth, case.fixed), sitk.sitkVectorFloat64)
+    through = sitk.Resample(case.moving_labels, case.fixed, sitk.DisplacementFieldTransform(field),
+                            sitk.sitkNearestNeighbor, 0)
+    fixed = sitk.GetArrayFromImage(case.fixed_labels)
+    moving = sitk.GetArrayFromImage(case.moving_labels)
+    recovered = sitk.GetArrayFromImage(through)
+    inside = fixed > 0
+    assert (recovered[inside] == fixed[inside]).mean() > 0.9
+    assert (moving[inside] == fixed[inside]).mean() < (recovered[inside] == fixed[inside]).mean() - 0.05
+    metrics = ev.field_metrics(case, case.truth)
+    assert metrics["gt_error_mm"] == 0.0
+
+
+def test_seen_and_unseen_follow_the_model_card():
+    class Spec:
+        needs_checkpoint = True
+
+        def __init__(self, path):
+            self.path = path
+
+        def checkpoint_path(self):
+            return self.path
+
+    import json
+    import os
+    import tempfile
+    folder = tempfile.mkdtemp()
+    with open(os.path.join(folder, "net.json"), "w") as handle:
+        json.dump({"data": {"sources": [{"name": "mni152"}, {"name": "pydeface"}]}}, handle)
+    run = {"kind": "method", "spec": Spec(os.path.join(folder, "net.pt"))}
+    case = ev.Case("c", None, None, None, None, None, sources=("itk-t1",))
+    assert ev.anatomy_seen(run, case) == "unseen"
+    case.sources = ("mni152",)
+    assert ev.anatomy_seen(run, case) == "seen"
+    case.sources = ("itk-t1", "mni152")
+    assert ev.anatomy_seen(run, case) == "mixed"
+    assert ev.anatomy_seen({"kind": "peer", "name": "ants"}, case) == "-"
+    specs = ev.case_specs("unseen", ["mni152", "itk-t1"])
+    assert {s.source for s in specs} == {"itk-t1"}
+    assert any(s.deformation == "subject" and s.moving_source == "mni152" for s in specs)

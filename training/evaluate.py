@@ -71,7 +71,7 @@ EVALUATION_STREAM = 2          # neither the training (0) nor the validation (1)
 METRICS = ("dice", "hd95", "gt_error_mm", "folding_percent", "folding_percent_strict", "sdlogj",
            "ncc", "seconds",
            "peak_mib")
-CASE_SETS = ("tiny", "small", "full")
+CASE_SETS = ("tiny", "small", "full", "unseen")
 
 
 # ----------------------------------------------------------------------------------- the cases
@@ -82,9 +82,10 @@ class Case:
     moving: sitk.Image
     fixed_labels: sitk.Image
     moving_labels: sitk.Image          # on the moving image's grid
-    truth: torch.Tensor                # (1, 3, D, H, W) voxels of the fixed grid
+    truth: Optional[torch.Tensor]      # (1, 3, D, H, W) voxels of the fixed grid; None: unknown
     multimodal: bool = False
     description: str = ""
+    sources: Tuple[str, ...] = ()      # the anatomy in the case (seen / unseen per checkpoint)
     paths: Dict[str, str] = field(default_factory=dict)
 
 
@@ -95,6 +96,11 @@ class CaseSpec:
     strength: float
     multimodal: bool = False
     other_grid: bool = False
+    # "velocity": the training generator's family (training.synth); "bspline": an independent
+    # family (a random cubic B-spline, 28 mm control spacing, SimpleITK) whose ground truth is
+    # inverted by ITK; "subject": a second real subject (``moving_source``), no ground truth
+    deformation: str = "velocity"
+    moving_source: Optional[str] = None
 
 
 def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
@@ -113,6 +119,20 @@ def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
                 CaseSpec("mni152-multimodal", pick("mni152", "pydeface"), 0.6, multimodal=True),
                 CaseSpec("ct-other-grid", pick("invesalius-ct", "pydeface", "mni152"), 0.6,
                          other_grid=True)]
+    if which == "unseen":
+        # one real brain that no shipped network trains on (training.recipes: itk-t1 is held
+        # out), deformed by a family the training generator does not draw from, at 2 mm
+        source = pick("itk-t1", "pydeface", "mni152")
+        specs = [CaseSpec(f"{source}-bspline-{int(s * 10)}mm", source, s, deformation="bspline")
+                 for s in (3.5, 5.5, 7.5)]
+        specs.append(CaseSpec(f"{source}-bspline-other-grid", source, 5.5,
+                              deformation="bspline", other_grid=True))
+        specs.append(CaseSpec(f"{source}-bspline-multimodal", source, 5.5, multimodal=True,
+                              deformation="bspline"))
+        if source == "itk-t1" and "mni152" in installed:
+            specs.append(CaseSpec("itk-t1-vs-mni152", "itk-t1", 0.0, deformation="subject",
+                                  moving_source="mni152"))
+        return specs
     if which == "full":
         specs = []
         for source in installed:
@@ -125,7 +145,7 @@ def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
 
 
 def case_spacing(which: str) -> float:
-    return {"tiny": 8.0, "small": 3.0, "full": 2.0}[which]
+    return {"tiny": 8.0, "small": 3.0, "full": 2.0, "unseen": 2.0}[which]
 
 
 def other_grid(image: sitk.Image, spacing_factor=(1.1, 0.9, 1.25), angle: float = 0.35,
@@ -147,9 +167,118 @@ def other_grid(image: sitk.Image, spacing_factor=(1.1, 0.9, 1.25), angle: float 
     return reference
 
 
+def bspline_displacement(reference: sitk.Image, spread_mm: float, seed: int,
+                         control_mm: float = 28.0) -> sitk.Image:
+    """A random cubic B-spline deformation on ``reference``'s grid as an ITK displacement field
+    (float64, LPS mm): control points every ``control_mm``, coefficients normal with standard
+    deviation ``spread_mm``. SimpleITK builds it, so the case does not depend on our code."""
+    extent = [(n - 1) * s for n, s in zip(reference.GetSize(), reference.GetSpacing())]
+    mesh = [max(int(round(e / control_mm)), 1) for e in extent]
+    transform = sitk.BSplineTransformInitializer(reference, mesh, order=3)
+    rng = np.random.default_rng(seed)
+    transform.SetParameters(tuple(rng.normal(0.0, spread_mm,
+                                             len(transform.GetParameters())).tolist()))
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64,
+                                              reference.GetSize(), reference.GetOrigin(),
+                                              reference.GetSpacing(), reference.GetDirection())
+    return field
+
+
+def build_bspline_case(spec: CaseSpec, spacing_mm: float, index: int) -> Case:
+    """A real volume (fixed) and its copy through a random B-spline (moving), with gamma, bias
+    and noise drawn separately for each image; truth = ITK's inverse of the B-spline field.
+
+    ``moving(x) = fixed(x + D(x))`` (``sitk.Resample`` through the field ``D``), so the field a
+    method should return, ``warped(x) = moving(x + u(x)) = fixed(x)``, is ``u = D^-1``
+    (``sitk.InvertDisplacementField``; its residual ``|u + D o (id + u)|`` is reported)."""
+    from DeepRegistrationLib.images import image_from_array, normalise_intensity
+    from DeepRegistrationLib.outputs import physical_to_displacement
+
+    from .data import load_source
+    from .synth import SynthConfig, augment_intensity, generator_for, label_contrast
+
+    volume = load_source(spec.source, spacing_mm)
+    fixed_array = normalise_intensity(sitk.GetArrayFromImage(volume.image).astype(np.float32))
+    fixed = image_from_array(fixed_array, volume.image)
+    field = bspline_displacement(fixed, spec.strength, EVALUATION_SEED + index)
+    inverse = sitk.InvertDisplacementField(field, maximumNumberOfIterations=40,
+                                           maxErrorToleranceThreshold=0.01,
+                                           meanErrorToleranceThreshold=0.001,
+                                           enforceBoundaryCondition=False)
+    forward = sitk.DisplacementFieldTransform(sitk.Image(field))
+    source = fixed
+    config = SynthConfig(spacing_mm=spacing_mm, noise_max=0.02)
+    if spec.multimodal:
+        contrast = label_contrast(torch.from_numpy(fixed_array)[None, None],
+                                  torch.from_numpy(sitk.GetArrayFromImage(volume.labels)
+                                                   .astype(np.int64))[None, None],
+                                  generator_for(EVALUATION_SEED, EVALUATION_STREAM, index, 1),
+                                  config)
+        source = image_from_array(contrast[0, 0].numpy(), fixed)
+    moving = sitk.Resample(source, fixed, forward, sitk.sitkLinear, 0.0)
+    moving_labels = sitk.Resample(volume.labels, fixed, forward, sitk.sitkNearestNeighbor, 0)
+    images = []
+    for part, image in ((2, fixed), (3, moving)):
+        tensor = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]
+        noisy = augment_intensity(tensor, generator_for(EVALUATION_SEED, EVALUATION_STREAM,
+                                                        index, part), config)
+        images.append(image_from_array(noisy[0, 0].numpy(), fixed))
+    fixed, moving = images
+    truth_vectors = sitk.GetArrayFromImage(inverse)
+    # how exactly ITK's inverse undoes the forward field: mean |u(x) + D(x + u(x))| in mm
+    back = sitk.DisplacementFieldTransform(sitk.Image(inverse))
+    points = [fixed.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+              for i, j, k in zip(*[np.random.default_rng(index).integers(0, n, 200)
+                                   for n in fixed.GetSize()])]
+    error = np.mean([np.linalg.norm(np.subtract(forward.TransformPoint(back.TransformPoint(p)),
+                                                p)) for p in points])
+    truth = physical_to_displacement(truth_vectors, fixed)
+    largest = float(np.linalg.norm(truth_vectors, axis=-1).max())
+    description = (f"{spec.source} at {spacing_mm:g} mm, random cubic B-spline (28 mm control "
+                   f"spacing, coefficients sd {spec.strength:g} mm; largest true displacement "
+                   f"{largest:.1f} mm; ITK inverse residual {error:.3f} mm)")
+    if spec.other_grid:
+        reference = other_grid(moving)
+        moving = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+        moving_labels = sitk.Resample(moving_labels, reference, sitk.Transform(),
+                                      sitk.sitkNearestNeighbor, 0)
+        description += "; moving on a rotated, anisotropic grid"
+    if spec.multimodal:
+        description += "; moving in a label-driven second contrast"
+    return Case(spec.name, fixed, moving, sitk.Cast(volume.labels, sitk.sitkInt32),
+                sitk.Cast(moving_labels, sitk.sitkInt32), truth, spec.multimodal, description,
+                sources=(spec.source,))
+
+
+def build_subject_case(spec: CaseSpec, spacing_mm: float) -> Case:
+    """Two different real subjects with the same label numbering (GM 1, WM 2, CSF 3), each as it
+    is stored (its own grid, orientation and position): no ground-truth field exists."""
+    from DeepRegistrationLib.images import image_from_array, normalise_intensity
+
+    from .data import load_source
+
+    def prepared(name):
+        volume = load_source(name, spacing_mm)
+        array = normalise_intensity(sitk.GetArrayFromImage(volume.image).astype(np.float32))
+        return image_from_array(array, volume.image), sitk.Cast(volume.labels, sitk.sitkInt32)
+
+    fixed, fixed_labels = prepared(spec.source)
+    moving, moving_labels = prepared(spec.moving_source)
+    description = (f"two real subjects at {spacing_mm:g} mm: {spec.source} (fixed) and "
+                   f"{spec.moving_source} (moving), each on its own grid and in its own "
+                   "position; no ground truth (label metrics only)")
+    return Case(spec.name, fixed, moving, fixed_labels, moving_labels, None, False,
+                description, sources=(spec.source, spec.moving_source))
+
+
 def build_case(spec: CaseSpec, spacing_mm: float, index: int) -> Case:
     from .data import load_source
     from .synth import PairGenerator, SynthConfig
+
+    if spec.deformation == "bspline":
+        return build_bspline_case(spec, spacing_mm, index)
+    if spec.deformation == "subject":
+        return build_subject_case(spec, spacing_mm)
 
     config = SynthConfig(spacing_mm=spacing_mm, noise_max=0.02, contrast_probability=0.0)
     generator = PairGenerator([load_source(spec.source)], config, seed=EVALUATION_SEED,
@@ -173,7 +302,7 @@ def build_case(spec: CaseSpec, spacing_mm: float, index: int) -> Case:
     if spec.multimodal:
         description += "; moving in a label-driven second contrast"
     return Case(spec.name, fixed, moving, fixed_labels, moving_labels, pair.displacement,
-                spec.multimodal, description)
+                spec.multimodal, description, sources=(spec.source,))
 
 
 def build_cases(which: str, folder: str) -> List[Case]:
@@ -187,8 +316,9 @@ def build_cases(which: str, folder: str) -> List[Case]:
         target = os.path.join(folder, "cases", case.name)
         os.makedirs(target, exist_ok=True)
         images = {"fixed": case.fixed, "moving": case.moving, "fixed_labels": case.fixed_labels,
-                  "moving_labels": case.moving_labels,
-                  "truth": displacement_field_image(case.truth, case.fixed)}
+                  "moving_labels": case.moving_labels}
+        if case.truth is not None:
+            images["truth"] = displacement_field_image(case.truth, case.fixed)
         for key, image in images.items():
             case.paths[key] = os.path.join(target, f"{key}.nii.gz")
             write_image(image, case.paths[key])
@@ -307,9 +437,12 @@ def field_metrics(case: Case, displacement: torch.Tensor) -> Dict[str, float]:
     distances = hd95(fixed_labels, warped_labels, case.fixed.GetSpacing()[::-1], labels)
     finite = [d for d in distances.values() if np.isfinite(d)]
     determinant = jacobian_determinant_map(displacement)
-    ours = displacement_to_physical(displacement, case.fixed)
-    truth = displacement_to_physical(case.truth, case.fixed)
-    error = np.linalg.norm(ours - truth, axis=-1)[fixed_labels > 0]
+    if case.truth is not None:
+        ours = displacement_to_physical(displacement, case.fixed)
+        truth = displacement_to_physical(case.truth, case.fixed)
+        error = np.linalg.norm(ours - truth, axis=-1)[fixed_labels > 0]
+    else:
+        error = np.array([float("nan")])
     warped = sitk.GetArrayFromImage(warp_image(case.moving, displacement, case.fixed))
     return {"dice": float(np.mean(list(overlap.values()))) if overlap else float("nan"),
             "hd95": float(np.mean(finite)) if finite else float("nan"),
@@ -392,12 +525,13 @@ def evaluate(options: EvaluateOptions) -> str:
     rows = []
     for case in cases:
         log(f"case {case.name}: {case.description}")
-        identity = dict(field_metrics(case, torch.zeros_like(case.truth)), seconds=0.0,
-                        peak_mib=0.0)
+        zero = torch.zeros((1, 3, *sitk.GetArrayViewFromImage(case.fixed).shape))
+        identity = dict(field_metrics(case, zero), seconds=0.0, peak_mib=0.0)
         rows.append(_row(case, "identity", "baseline", identity, "ok", "before registration"))
-        truth = dict(field_metrics(case, case.truth), seconds=0.0, peak_mib=0.0)
-        rows.append(_row(case, "truth", "baseline", truth, "ok",
-                         "the ground-truth field: the ceiling of label metrics"))
+        if case.truth is not None:
+            truth = dict(field_metrics(case, case.truth), seconds=0.0, peak_mib=0.0)
+            rows.append(_row(case, "truth", "baseline", truth, "ok",
+                             "the ground-truth field: the ceiling of label metrics"))
         for run in runs:
             job = {"kind": run["kind"], "name": run["name"], "fixed": case.paths["fixed"],
                    "moving": case.paths["moving"]}
@@ -421,16 +555,41 @@ def evaluate(options: EvaluateOptions) -> str:
             values.update(seconds=result["seconds"], peak_mib=result["peak_mib"])
             note = f"similarity {job.get('similarity', 'default')}" \
                 if run["kind"] == "method" else ""
-            rows.append(_row(case, run["label"], run["kind"], values, "ok", note))
+            rows.append(_row(case, run["label"], run["kind"], values, "ok", note,
+                             anatomy_seen(run, case)))
             log(f"  {run['label']}: " + " ".join(
                 f"{k} {values[k]:.3f}" for k in METRICS if k in values))
     table = write_results(options, cases, rows, notes)
     return table
 
 
-def _row(case: Case, name: str, kind: str, values: Dict, status: str, note: str) -> Dict:
+def trained_sources(spec) -> Optional[List[str]]:
+    """The sources a method's checkpoint was trained on (its model card), or None when it has no
+    training data (instance optimisation, peers)."""
+    if not spec.needs_checkpoint:
+        return None
+    from DeepRegistrationLib.methods.base import read_model_card
+    path = spec.checkpoint_path()
+    card = read_model_card(path) if path else None
+    if not card:
+        return None
+    return [s.get("name") for s in card.get("data", {}).get("sources", [])]
+
+
+def anatomy_seen(run: Dict, case: Case) -> str:
+    """``seen`` (every source of the case was in the checkpoint's training data), ``unseen``
+    (none was), ``mixed``, or ``-`` for tools that are not trained (io, peers)."""
+    trained = trained_sources(run["spec"]) if run["kind"] == "method" else None
+    if trained is None or not case.sources:
+        return "-"
+    seen = [source in trained for source in case.sources]
+    return "seen" if all(seen) else "unseen" if not any(seen) else "mixed"
+
+
+def _row(case: Case, name: str, kind: str, values: Dict, status: str, note: str,
+         anatomy: str = "-") -> Dict:
     row = {"case": case.name, "method": name, "kind": kind, "multimodal": case.multimodal,
-           "status": status, "note": note}
+           "anatomy": anatomy, "status": status, "note": note}
     for key in METRICS:
         row[key] = values.get(key, float("nan"))
     row["dice_per_label"] = json.dumps(values.get("dice_per_label", {}))
@@ -464,13 +623,15 @@ def summary_table(rows: List[Dict]) -> str:
 
 
 def case_table(rows: List[Dict]) -> str:
-    lines = ["| case | method | Dice | HD95 mm | GT error mm | folding % | strict folding % | "
-             "SDlogJ | seconds | peak MiB | note |", "|" + "---|" * 11]
+    lines = ["| case | method | anatomy | Dice | HD95 mm | GT error mm | folding % | "
+             "strict folding % | SDlogJ | seconds | peak MiB | note |", "|" + "---|" * 12]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['case']} | {r['method']} | failed | | | | | | | | {r['note']} |")
+            lines.append(f"| {r['case']} | {r['method']} | {r.get('anatomy', '-')} | failed "
+                         f"| | | | | | | | {r['note']} |")
             continue
-        lines.append(f"| {r['case']} | {r['method']} | {r['dice']:.3f} | {r['hd95']:.2f} | "
+        lines.append(f"| {r['case']} | {r['method']} | {r.get('anatomy', '-')} | "
+                     f"{r['dice']:.3f} | {r['hd95']:.2f} | "
                      f"{r['gt_error_mm']:.2f} | {r['folding_percent']:.4f} | "
                      f"{r['folding_percent_strict']:.4f} | {r['sdlogj']:.3f} | "
                      f"{r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['note']} |")
@@ -480,7 +641,7 @@ def case_table(rows: List[Dict]) -> str:
 def write_results(options: EvaluateOptions, cases: List[Case], rows: List[Dict],
                   notes: List[str]) -> str:
     folder = options.output
-    columns = ["case", "method", "kind", "multimodal", "status"] + list(METRICS) + \
+    columns = ["case", "method", "kind", "multimodal", "anatomy", "status"] + list(METRICS) + \
         ["dice_per_label", "note"]
     with open(os.path.join(folder, "results.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -496,7 +657,19 @@ def write_results(options: EvaluateOptions, cases: List[Case], rows: List[Dict],
             f"SimpleITK {sitk.Version.VersionString()}, Python {platform.python_version()}, "
             f"{os.cpu_count()} CPU cores; peak memory: {memory}. Every metric is computed by "
             "the same code from each tool's displacement field on the fixed grid.", "",
-            "## Summary (mean over cases)", "", summary, "", "## Cases", ""]
+            "## Summary (mean over cases)", "", summary, ""]
+    anatomies = {r.get("anatomy") for r in rows} - {"-"}
+    if anatomies:
+        text += ["Anatomy, per trained network and case: *seen* = every source of the case is "
+                 "in the checkpoint's training data (its model card), *unseen* = none is, "
+                 "*mixed* = some are. io and the peers are not trained (-).", ""]
+        for anatomy in ("unseen", "seen", "mixed"):
+            subset = [r for r in rows if r.get("anatomy") in (anatomy, "-")]
+            if any(r.get("anatomy") == anatomy for r in subset):
+                text += [f"### Cases that are {anatomy} for the networks", "",
+                         summary_table([r for r in subset if r["case"] in {
+                             x["case"] for x in rows if x.get("anatomy") == anatomy}]), ""]
+    text += ["## Cases", ""]
     text += [f"- **{c.name}**: {c.description}" for c in cases]
     text += ["", "## Per case", "", case_table(rows)]
     if notes:
