@@ -167,6 +167,21 @@ def other_grid(image: sitk.Image, spacing_factor=(1.1, 0.9, 1.25), angle: float 
     return reference
 
 
+def case_variant(spec: CaseSpec, moving: sitk.Image, moving_labels: sitk.Image,
+                 description: str) -> Tuple[sitk.Image, sitk.Image, str]:
+    """The moving image (and labels) on another grid when the case asks for it, and the
+    description of the case's variants."""
+    if spec.other_grid:
+        reference = other_grid(moving)
+        moving = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+        moving_labels = sitk.Resample(moving_labels, reference, sitk.Transform(),
+                                      sitk.sitkNearestNeighbor, 0)
+        description += "; moving on a rotated, anisotropic grid"
+    if spec.multimodal:
+        description += "; moving in a label-driven second contrast"
+    return moving, moving_labels, description
+
+
 def bspline_displacement(reference: sitk.Image, spread_mm: float, seed: int,
                          control_mm: float = 28.0) -> sitk.Image:
     """A random cubic B-spline deformation on ``reference``'s grid as an ITK displacement field
@@ -237,14 +252,7 @@ def build_bspline_case(spec: CaseSpec, spacing_mm: float, index: int) -> Case:
     description = (f"{spec.source} at {spacing_mm:g} mm, random cubic B-spline (28 mm control "
                    f"spacing, coefficients sd {spec.strength:g} mm; largest true displacement "
                    f"{largest:.1f} mm; ITK inverse residual {error:.3f} mm)")
-    if spec.other_grid:
-        reference = other_grid(moving)
-        moving = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-        moving_labels = sitk.Resample(moving_labels, reference, sitk.Transform(),
-                                      sitk.sitkNearestNeighbor, 0)
-        description += "; moving on a rotated, anisotropic grid"
-    if spec.multimodal:
-        description += "; moving in a label-driven second contrast"
+    moving, moving_labels, description = case_variant(spec, moving, moving_labels, description)
     return Case(spec.name, fixed, moving, sitk.Cast(volume.labels, sitk.sitkInt32),
                 sitk.Cast(moving_labels, sitk.sitkInt32), truth, spec.multimodal, description,
                 sources=(spec.source,))
@@ -293,14 +301,7 @@ def build_case(spec: CaseSpec, spacing_mm: float, index: int) -> Case:
     description = (f"{spec.source} at {spacing_mm:g} mm, deformation strength "
                    f"{spec.strength:.0%} (largest ground-truth component "
                    f"{pair.info['max_gt_displacement_mm']:.1f} mm)")
-    if spec.other_grid:
-        reference = other_grid(moving)
-        moving = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-        moving_labels = sitk.Resample(moving_labels, reference, sitk.Transform(),
-                                      sitk.sitkNearestNeighbor, 0)
-        description += "; moving on a rotated, anisotropic grid"
-    if spec.multimodal:
-        description += "; moving in a label-driven second contrast"
+    moving, moving_labels, description = case_variant(spec, moving, moving_labels, description)
     return Case(spec.name, fixed, moving, fixed_labels, moving_labels, pair.displacement,
                 spec.multimodal, description, sources=(spec.source,))
 
