@@ -174,7 +174,7 @@ def jacobian_maps(displacement: torch.Tensor, slab: int = 16):
     slab along D with one neighbouring slice on each side (dropped afterwards), as ``metrics``
     does, so a 1 mm head needs tens of MB.
     """
-    field = torch.as_tensor(displacement).to(torch.float64)
+    field = torch.as_tensor(displacement)
     field = field[None] if field.dim() == 4 else field
     depth = field.shape[2]
     central = np.empty(tuple(field.shape[2:]), dtype=np.float64)
@@ -184,7 +184,8 @@ def jacobian_maps(displacement: torch.Tensor, slab: int = 16):
             stop = min(start + slab, depth)
             low, high = max(start - 1, 0), min(stop + 1, depth)
             total = minimum = None
-            for det in one_sided_jacobian_determinants(field[:, :, low:high]):
+            part = field[:, :, low:high].to(torch.float64)  # float64 a slab at a time
+            for det in one_sided_jacobian_determinants(part):
                 total = det.clone() if total is None else total.add_(det)
                 minimum = det if minimum is None else torch.minimum(minimum, det)
             central[start:stop] = total[0, start - low:stop - low].div_(8.0).numpy()
@@ -456,6 +457,12 @@ def _write_output_files(result: RegistrationResult, folder: str,
     with timed("compute warped image"):
         warped = warp_image(result.moving, result.displacement, result.fixed)
     save("warped", warped)
+    # the Jacobian maps before the millimetre field exists: the two are the largest temporaries
+    with timed("compute Jacobian determinants (central and strict, one pass)"):
+        determinant, strict_determinant = jacobian_maps(result.displacement)
+        folded = strict_determinant <= 0
+    save("jacobian", image_from_array(determinant.astype(np.float32), result.fixed))
+    save("folding", image_from_array(folded.astype(np.uint8), result.fixed))
     report(0.3, "writing the displacement field")
     with timed("compute displacement field (mm)"):
         vectors = _physical_vectors(result.displacement, result.fixed)
@@ -471,14 +478,14 @@ def _write_output_files(result: RegistrationResult, folder: str,
             shutil.copyfile(paths["displacement"], paths["deformable"])
     else:
         with timed("compute deformable field (mm)"):
-            deformable_image = displacement_field_image(result.deformable, result.fixed)
+            deformable_image = displacement_field_image(
+                result.deformable, result.fixed, _physical_vectors(result.deformable, result.fixed))
         save("deformable", deformable_image)
-    del field_image
-    with timed("compute Jacobian determinants (central and strict, one pass)"):
-        determinant, strict_determinant = jacobian_maps(result.displacement)
-        folded = strict_determinant <= 0
-    save("jacobian", image_from_array(determinant.astype(np.float32), result.fixed))
-    save("folding", image_from_array(folded.astype(np.uint8), result.fixed))
+        del deformable_image
+    # summarise needs only the longest vector (max_displacement_mm): keep that, free the field
+    squared = np.einsum("...c,...c->...", vectors, vectors)
+    longest = vectors.reshape(-1, 3)[int(np.argmax(squared))][None]
+    del field_image, vectors, squared
     with timed("compute warped grid"):
         grid = warped_grid(result.displacement)
     save("grid", image_from_array(grid, result.fixed))
@@ -492,7 +499,7 @@ def _write_output_files(result: RegistrationResult, folder: str,
     report(0.6, "computing metrics")
     with timed("compute summary metrics"):
         summary = summarise(result, warped, determinant, fixed_labels, moving_labels,
-                            warped_labels, vectors, strict_determinant)
+                            warped_labels, longest, strict_determinant)
         summary.update(composition_summary(result, determinant, strict_determinant))
     summary.update(extra or {})
     if figure:

@@ -194,19 +194,21 @@ def startup_seconds(tool, repeats=3):
                    for _ in range(repeats)])
 
 
-def report(args, tools, cases, startup, load_before, load_after, started):
+def report(args, tools, cases, startup, loads, started, invocations=1):
+    """The table; ``loads`` holds one (before, after) pair of load averages per invocation."""
     lines = []
     size = "x".join(str(n) for n in cases[0]["size"])
     runs = len(tools[0].runs)
-    lines.append(f"MNI152 at {args.spacing:g} mm ({size} voxels), {len(cases)} synthetic "
-                 f"deformation(s) x {args.repeats} repeat(s) = {runs} whole-process run(s) per "
-                 f"tool, medians; {os.cpu_count()} CPU cores; "
-                 f"{started:%Y-%m-%d %H:%M}.")
-    lines.append(f"Load average (1, 5, 15 min) before: {load_before[0]:.2f} {load_before[1]:.2f} "
-                 f"{load_before[2]:.2f}; after: {load_after[0]:.2f} {load_after[1]:.2f} "
-                 f"{load_after[2]:.2f}" + (" -- other jobs were running: absolute seconds are "
-                                            "inflated, compare within the table."
-                                            if max(load_before[0], load_after[0]) > 0.5 else "."))
+    seeds = sorted({c["seed"] for c in cases})
+    lines.append(f"MNI152 at {args.spacing:g} mm ({size} voxels), synthetic deformation seed(s) "
+                 f"{', '.join(map(str, seeds))}: {runs} whole-process run(s) per tool"
+                 + (f" from {invocations} invocations merged" if invocations > 1 else "")
+                 + f", medians; {os.cpu_count()} CPU cores; {started:%Y-%m-%d %H:%M}.")
+    busy = max(max(before[0], after[0]) for before, after in loads) > 0.5
+    lines.append("Load average (1, 5, 15 min) before / after: " + "; ".join(
+        f"{' '.join(f'{v:.2f}' for v in before)} / {' '.join(f'{v:.2f}' for v in after)}"
+        for before, after in loads) + (" -- other jobs were running: absolute seconds are "
+                                       "inflated, compare within the table." if busy else "."))
     lines.append("")
     lines.append("| tool | Dice GM | Dice WM | % folding | SDlogJ | whole process (s) | "
                  "start-up (s) | after start-up (s) | registration call (s) | CPU / wall | "
@@ -285,7 +287,14 @@ def main(argv=None):
     parser.add_argument("--baseline-label", default="io (baseline)")
     parser.add_argument("--output", metavar="FILE.md",
                         help="also write the table here (and the raw runs beside it as .json)")
+    parser.add_argument("--merge", nargs="+", metavar="RUN.json",
+                        help="no new runs: the table of the raw .json files of several "
+                             "invocations together (a 1 mm comparison in runs of ~5 minutes)")
     args = parser.parse_args(argv)
+    command = "python benchmarks/benchmark.py " + " ".join(argv if argv is not None
+                                                            else sys.argv[1:])
+    if args.merge:
+        return merge(args, command)
     from DeepRegistrationLib.runtime import configure_openmp
     configure_openmp()
 
@@ -310,19 +319,51 @@ def main(argv=None):
                           f"{record['registration']:.1f} s), {record['peak']:.0f} MB, load "
                           f"{os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
-    text, summary = report(args, tools, cases, startup, load_before, load_after, started)
+    text, summary = report(args, tools, cases, startup, [(load_before, load_after)], started)
     print(text)
     if args.output:
-        command = "python benchmarks/benchmark.py " + " ".join(argv if argv is not None
-                                                                else sys.argv[1:])
-        with open(args.output, "w") as handle:
-            handle.write(f"<!-- written by: {command} -->\n\n{text}\n")
-        raw = {"command": command, "load_before": load_before, "load_after": load_after,
-               "started": started.isoformat(timespec="seconds"),
-               "tools": {t.label: {"root": t.root, "runs": t.runs} for t in tools},
+        raw = {"command": command, "spacing": args.spacing, "load_before": load_before,
+               "load_after": load_after, "started": started.isoformat(timespec="seconds"),
+               "cases": [{k: c[k] for k in ("seed", "size", "before")} for c in cases],
+               "startup": startup,
+               "tools": {t.label: {"method": t.method, "root": t.root, "runs": t.runs}
+                         for t in tools},
                "summary": summary}
-        with open(os.path.splitext(args.output)[0] + ".json", "w") as handle:
-            json.dump(raw, handle, indent=1)
+        write_output(args.output, command, text, raw)
+
+
+def write_output(path, command, text, raw):
+    with open(path, "w") as handle:
+        handle.write(f"<!-- written by: {command} -->\n\n{text}\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as handle:
+        json.dump(raw, handle, indent=1)
+
+
+def merge(args, command):
+    """One table from the raw files of several invocations (same spacing and tools)."""
+    parts = []
+    for path in args.merge:
+        with open(path) as handle:
+            parts.append(json.load(handle))
+    args.spacing = parts[0]["spacing"]
+    tools = []
+    for label, entry in parts[0]["tools"].items():
+        tool = Tool(label, entry["method"], entry["root"])
+        for part in parts:
+            tool.runs += part["tools"][label]["runs"]
+        tools.append(tool)
+    cases = {c["seed"]: c for part in parts for c in part["cases"]}
+    startup = {tool.label: median([part["startup"][tool.label] for part in parts])
+               for tool in tools}
+    loads = [(part["load_before"], part["load_after"]) for part in parts]
+    started = datetime.datetime.fromisoformat(parts[0]["started"])
+    text, summary = report(args, tools, list(cases.values()), startup, loads, started,
+                           invocations=len(parts))
+    text += "\n\nMerged from: " + ", ".join(os.path.basename(p) for p in args.merge)
+    print(text)
+    if args.output:
+        write_output(args.output, command, text, {"command": command, "merged": args.merge,
+                                                  "summary": summary})
 
 
 if __name__ == "__main__":
