@@ -1,10 +1,13 @@
-"""What a user waits for: a whole ``deepreg register`` process beside a whole ANTs SyN process,
-side by side in one run, with accuracy, seconds and peak memory.
+"""What a user waits for: whole deepreg register processes beside whole ANTs SyN processes.
+
+Side by side in one run, with accuracy, seconds and peak memory:
 
     python benchmarks/benchmark.py                           # 2 mm, 3 cases, io and ANTs SyN
     python benchmarks/benchmark.py --spacing 1 --cases 1 --repeats 3
     python benchmarks/benchmark.py --methods io,vtn,r2net-svf,r2net-nsvf,ms-r2net,vm-diff
-    python benchmarks/benchmark.py --baseline-root /tmp/old-checkout   # before / after a change
+    python benchmarks/benchmark.py --tree "io (before)=/tmp/old-checkout"   # before / after
+    python benchmarks/benchmark.py --spacing 1 --seeds 7 --output run1.md   # (and run2, run3)
+    python benchmarks/benchmark.py --merge run1.json run2.json run3.json --output all.md
     python benchmarks/benchmark.py --output docs/benchmarks/whole-process-2mm.md
 
 Cases: the MNI152 2009a template (nilearn) and copies deformed by random diffeomorphisms of
@@ -165,13 +168,12 @@ def evaluate(displacement, case):
             "folding": folding_percent(determinant), "sdlogj": sdlogj(determinant)}
 
 
-def write_cases(spacing, cases, folder):
+def write_cases(spacing, seeds, folder):
     import SimpleITK as sitk
     from DeepRegistrationLib.metrics import dice
     from DeepRegistrationLib.sample_data import demo_pair
     written = []
-    for case in range(cases):
-        seed = 7 + case
+    for seed in seeds:
         images = dict(zip(("fixed", "moving", "fixed_labels", "moving_labels"),
                           demo_pair(spacing, seed=seed)))
         entry = {"seed": seed, "size": images["fixed"].GetSize()}
@@ -189,7 +191,7 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def startup_seconds(tool, repeats=3):
+def startup_seconds(tool, repeats):
     return median([run_process(tool.startup_command(), tree_env(tool.root), tool.root)[0]
                    for _ in range(repeats)])
 
@@ -281,10 +283,13 @@ def main(argv=None):
     parser.add_argument("--methods", default="io",
                         help="comma-separated library methods (deepreg methods)")
     parser.add_argument("--peers", default="ants", help="'ants' or '' (none)")
-    parser.add_argument("--baseline-root", metavar="DIR",
+    parser.add_argument("--startup-repeats", type=int, default=3,
+                        help="import-only processes per tool for the start-up figure (median)")
+    parser.add_argument("--seeds", help="comma-separated case seeds (default: 7, 8, ... for "
+                                         "--cases)")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
                         help="also run io from this source tree (e.g. an older commit extracted "
-                             "with git archive), labelled with --baseline-label")
-    parser.add_argument("--baseline-label", default="io (baseline)")
+                             "with git archive) under LABEL; repeatable")
     parser.add_argument("--output", metavar="FILE.md",
                         help="also write the table here (and the raw runs beside it as .json)")
     parser.add_argument("--merge", nargs="+", metavar="RUN.json",
@@ -299,15 +304,20 @@ def main(argv=None):
     configure_openmp()
 
     tools = [Tool(m, m) for m in args.methods.split(",") if m]
-    if args.baseline_root:
-        tools.append(Tool(args.baseline_label, "io", os.path.abspath(args.baseline_root)))
+    for entry in args.tree:
+        label, _, root = entry.partition("=")
+        if not root or not os.path.isdir(root):
+            parser.error(f"--tree wants LABEL=DIR with an existing DIR, not '{entry}'")
+        tools.append(Tool(label, "io", os.path.abspath(root)))
     if "ants" in args.peers.split(","):
         tools.append(Tool("ANTs SyN", None))
     started = datetime.datetime.now()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
-        cases = write_cases(args.spacing, args.cases, folder)
-        startup = {tool.label: startup_seconds(tool) for tool in tools}
+        seeds = ([int(v) for v in args.seeds.split(",")] if args.seeds
+                 else [7 + case for case in range(args.cases)])
+        cases = write_cases(args.spacing, seeds, folder)
+        startup = {tool.label: startup_seconds(tool, args.startup_repeats) for tool in tools}
         for case in cases:
             for repeat in range(args.repeats):
                 for tool in tools:
