@@ -124,8 +124,9 @@ def soft_dice_loss(fixed_labels: torch.Tensor, moving_labels: torch.Tensor,
     classes = int(max(fixed_labels.max(), moving_labels.max())) + 1
     if classes < 2:
         return displacement.sum() * 0.0
-    one_hot_f = F.one_hot(fixed_labels[:, 0], classes).permute(0, 4, 1, 2, 3).float()[:, 1:]
-    one_hot_m = F.one_hot(moving_labels[:, 0], classes).permute(0, 4, 1, 2, 3).float()[:, 1:]
+    dtype = displacement.dtype  # float64 in the upper level's finite-difference test
+    one_hot_f = F.one_hot(fixed_labels[:, 0], classes).permute(0, 4, 1, 2, 3).to(dtype)[:, 1:]
+    one_hot_m = F.one_hot(moving_labels[:, 0], classes).permute(0, 4, 1, 2, 3).to(dtype)[:, 1:]
     warped = warp(one_hot_m, displacement, padding_mode="zeros")
     overlap = (one_hot_f * warped).sum((2, 3, 4))
     total = one_hot_f.sum((2, 3, 4)) + warped.sum((2, 3, 4))
