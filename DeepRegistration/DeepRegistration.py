@@ -747,9 +747,11 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):  # noqa: F405
             raise ValueError(_("Select the fixed and the moving volume."))
         outputNodes = {role: (outputNodes or {}).get(role) for role in OUTPUT_ROLES}
         self._checkRunNodes(fixedVolume, movingVolume, fixedLabels, movingLabels, outputNodes)
-        if bool(fixedLabels) != bool(movingLabels) and fixedLabels:
-            logging.info("DeepRegistration: fixed labels without moving labels are only used for Dice "
-                         "when moving labels are given too.")
+        if fixedLabels and not movingLabels:
+            # the command line refuses fixed labels alone (there is nothing to compare them with)
+            logging.info("DeepRegistration: fixed labels are used for Dice only together with moving "
+                         "labels; without moving labels they are left out.")
+            fixedLabels = None
         workFolder = tempfile.mkdtemp(prefix="DeepRegistration-", dir=slicer.app.temporaryPath)
         try:
             inputFolder = os.path.join(workFolder, "inputs")

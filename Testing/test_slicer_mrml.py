@@ -809,3 +809,22 @@ def test_widget_failure_and_scene_close(environment, registered, monkeypatch):
     assert aborted and widget._parameterNode is None
     widget.cleanup()
     assert len(aborted) == 2
+
+
+def test_fixed_labels_alone_are_left_out_of_the_command(environment, tmp_path, caplog):
+    """The command line refuses --fixed-labels without --moving-labels (nothing to compare with);
+    the module leaves them out instead of failing the run."""
+    import logging
+    env = environment
+    logic = env.module.DeepRegistrationLogic()
+    inputs = run_pair(env, tmp_path)
+    _, fixed_labels, _, _ = oblique_pair()
+    sitk.WriteImage(fixed_labels, str(tmp_path / "fixed_labels.nii.gz"))
+    labels = read_volume(str(tmp_path / "fixed_labels.nii.gz"), "fixed labels", "vtkMRMLLabelMapVolumeNode")
+    with caplog.at_level(logging.INFO):
+        result = logic.run(inputs["fixed"], inputs["moving"], method="no_such_method_xyz",
+                           fixedLabels=labels, timeoutSeconds=300)
+    commands = [r.getMessage() for r in caplog.records if "--method" in r.getMessage()]
+    assert commands and "--fixed-labels" not in commands[-1]
+    assert result["status"] == "failed" and "no_such_method_xyz" in result["message"]
+    assert "moving-labels" not in result["message"]
