@@ -118,7 +118,8 @@ def _write(output: str, name: str, payload: Dict, lines: List[str]) -> None:
 
 def _environment() -> Dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()), "command": " ".join(sys.argv)}
+            "load_average": list(os.getloadavg()),
+            "command": " ".join(["python -m training.suits_ablation"] + sys.argv[1:])}
 
 
 # ------------------------------------------------------------------------------------- lambda
@@ -311,7 +312,10 @@ def ablation_cases(names: str):
 
 def train_missing(args, folders: Dict[str, str]) -> List[str]:
     """Train the replica, SUITS and SUITS with matrix_grad where their checkpoint is missing."""
+    from DeepRegistrationLib.methods import get_method
+
     from .train import TrainOptions, train
+    working_spacing = get_method("suits").working_spacing_mm
     notes = []
     plan = [("replica", "suits-replica.pt", {"mind_fraction": 1.0}, None, args.lr),
             ("suits", "suits.pt", {"mind_fraction": 0.0}, "replica", args.lr_end_to_end),
@@ -327,7 +331,11 @@ def train_missing(args, folders: Dict[str, str]) -> List[str]:
                        resume=resume, lr=lr, threads=args.threads, progress=False,
                        val_every=max(args.iterations // 4, 1), val_cases=4)
         if args.recipe and "recipe" in TrainOptions.__dataclass_fields__:
-            options["recipe"] = args.recipe
+            # the recipe's data, on SUITS' own working grid: features are learned at the grid
+            # they are used on (no coarse stage), on whole canvases (the recipe's windows are
+            # sized for its 2 mm grid)
+            options.update(recipe=args.recipe, spacing_mm=working_spacing,
+                           coarse_spacing_mm=0.0, synth={"crop_shape": None})
         started = time.perf_counter()
         train(TrainOptions(**options))
         notes.append(f"trained {row}: {args.iterations} steps in "
