@@ -36,21 +36,25 @@ _GENERATORS: Dict = {}
 
 
 def generator(source: str, spacing_mm: float, seed: int, multiple: int = 16,
-              **synth) -> PairGenerator:
-    """A pair generator for one source on its own canvas (cached per argument set)."""
-    key = (source, float(spacing_mm), int(seed), int(multiple), tuple(sorted(synth.items())))
+              canvas: Optional[Sequence[int]] = None, **synth) -> PairGenerator:
+    """A pair generator for one source on its own canvas (the smallest multiple of ``multiple``
+    holding it) or on ``canvas``; cached per argument set."""
+    canvas = tuple(int(n) for n in canvas) if canvas else None
+    key = (source, float(spacing_mm), int(seed), int(multiple), canvas,
+           tuple(sorted(synth.items())))
     if key not in _GENERATORS:
         config = SynthConfig(spacing_mm=float(spacing_mm), multiple=int(multiple), **synth)
-        _GENERATORS[key] = PairGenerator([source], config, seed=int(seed))
+        _GENERATORS[key] = PairGenerator([source], config, seed=int(seed), canvas=canvas)
     return _GENERATORS[key]
 
 
 def heldout_pairs(source: str, spacing_mm: float, seed: int, count: int,
-                  second_contrast: bool, multiple: int = 16, **synth) -> List:
+                  second_contrast: bool, multiple: int = 16,
+                  canvas: Optional[Sequence[int]] = None, **synth) -> List:
     """``count`` held-out pairs of ``source`` (stream 2), all in the fixed image's contrast or all
     with the moving image in a label-driven second contrast; deformation strength and affine part
     drawn at random as in training."""
-    pairs_from = generator(source, spacing_mm, seed, multiple, **synth)
+    pairs_from = generator(source, spacing_mm, seed, multiple, canvas, **synth)
     return [pairs_from.pair(index, HELDOUT_STREAM, contrast=bool(second_contrast))
             for index in range(int(count))]
 
@@ -77,6 +81,16 @@ def inverse_consistency_mm(forward: torch.Tensor, backward: torch.Tensor, spacin
         trip = compose(first.float(), second.float()).norm(dim=1)[0].numpy() * spacing_mm
         lengths.append(trip[mask] if mask is not None else trip.ravel())
     return float(np.mean(np.concatenate(lengths)))
+
+
+def training_canvas(card: Optional[Dict], source: str):
+    """``(multiple, canvas)`` of a checkpoint's training pairs: the canvas its card records when
+    ``source`` was among its training sources (pairs framed as in training), else None (the
+    source's own canvas, sides a multiple of the card's multiple)."""
+    data = (card or {}).get("data") or {}
+    multiple = int((data.get("synth_config") or {}).get("multiple", 16))
+    canvas = data.get("canvas") if source in trained_sources(card) else None
+    return multiple, (tuple(canvas) if canvas else None)
 
 
 def trained_sources(card: Optional[Dict]) -> List[str]:
