@@ -31,8 +31,9 @@ checkpoint; the branches start from a trained ``r2net-nsvf``, see :func:`branche
 
 The fusing convolution starts as the mean of its two inputs (centre tap 1/2 on each), so phase 2
 starts from an average of the branches' velocities. At inference the chunks go through the
-network one at a time, which bounds memory on large grids (under 4 GB on a padded 1 mm MNI152
-grid, docs/methods/r2net.md).
+network one at a time, which bounds memory on large grids: 1.96 GB peak for the whole process
+with a real 1 mm working grid on the 1 mm MNI152 pair (benchmarks/ms_r2net_grid.py). The
+shipped spec works on a 2 mm grid (``working_spacing_mm``); a 1 mm input is resampled to it.
 """
 from __future__ import annotations
 
