@@ -27,6 +27,7 @@ from ..images import parallel_grid_sample
 from ..losses import (diffusion_loss, local_ncc_loss, local_statistics, mind_ssc,
                       similarity_loss)
 from ..progress import ProgressScope
+from ..runtime import release_free_memory
 from ..spatial import compose, forward_differences, gaussian_kernel1d, resize_displacement
 from .base import MethodSpec, RegistrationInputs, pyramid_shapes, register_method
 
@@ -240,10 +241,14 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor,
                 if step % 5 == 0 or step == steps - 1:
                     scope.report((step + 1) / steps, stage, f"step {step + 1}/{steps} "
                                  f"similarity loss {loss_similarity.item():.4f}")
+    # the level's images, features and grids are not needed for the final field
+    del fixed_features, moving_features, fixed_levels, moving_levels, loss_of, identity, start
     with progress.timed("integrate and upsample the final field"), torch.no_grad():
         update = _to_voxels(_exponential(velocity, control_identity, control_scale), shape)
-        return compose(resize_displacement(initial, shape), update) if initial is not None \
-            else update
+        if initial is not None:
+            update = compose(resize_displacement(initial, shape), update)
+    release_free_memory()  # the optimisation's temporaries, before the outputs are made
+    return update
 
 
 def _run(inputs: RegistrationInputs, spec: MethodSpec) -> torch.Tensor:
