@@ -253,6 +253,10 @@ def objective_after_step(network, optimiser, fixed, moving, upper, log_values, c
 
 @pytest.mark.parametrize("clipped", [False, True])
 def test_hypergradient_equals_finite_differences_of_the_real_adam_step(clipped):
+    # the global generator too (anything drawn outside the seeded helpers): the coarse r = 0.01
+    # comparison below is an approximation whose error depends on the draw, so the test must not
+    # depend on which tests ran before it (after test_mmln.py one component was 70% off)
+    torch.manual_seed(0)
     network, optimiser = trained_state(seed=2)
     fixed, moving = pair(SMALL_SHAPE, seed=40, dtype=torch.float64)
     upper = upper_batch(41)
