@@ -331,9 +331,9 @@ def train_missing(args, folders: Dict[str, str]) -> List[str]:
                        resume=resume, lr=lr, threads=args.threads, progress=False,
                        val_every=max(args.iterations // 4, 1), val_cases=4)
         if args.recipe and "recipe" in TrainOptions.__dataclass_fields__:
-            # the recipe's data, on SUITS' own working grid: features are learned at the grid
-            # they are used on (no coarse stage), on whole canvases (the recipe's windows are
-            # sized for its 2 mm grid)
+            # the recipe's data on SUITS' own working grid (features are learned at the grid
+            # they are used on): its 8 mm stage off (its 4 mm stage stays: --coarse-* options
+            # change only the first stage), whole canvases (the windows are sized for 2 mm)
             options.update(recipe=args.recipe, spacing_mm=working_spacing,
                            coarse_spacing_mm=0.0, synth={"crop_shape": None})
         started = time.perf_counter()

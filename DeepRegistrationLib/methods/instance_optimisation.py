@@ -35,7 +35,7 @@ from .base import MethodSpec, RegistrationInputs, pyramid_shapes, register_metho
 # run (benchmarks/benchmark.py): most steps at 1/4 and 1/2 resolution, a short full-resolution
 # polish.
 DEFAULT_ITERATIONS = (80, 30, 6)
-DEFAULT_REGULARIZATION = {"lncc": 5.0, "mind": 1.0, "ncc": 1.0, "mse": 0.5, "ngf": 1.0, "mi": 1.0}
+DEFAULT_REGULARIZATION = {"lncc": 5.0, "mind": 1.0, "ncc": 1.0, "mse": 0.5, "ngf": 1.0, "mi": 10.0}
 DEFAULT_LEARNING_RATE = 0.2
 DEFAULT_MAX_VOXELS = 1_500_000
 LNCC_WINDOW = 5  # voxels of each level: wider in millimetres on the coarse levels

@@ -1,5 +1,5 @@
-"""SUITS: learned multi-modal features driving a regularised Gauss-Newton descent, trained end to end
-through a differentiable linear solver.
+"""SUITS: learned multi-modal features driving a regularised Gauss-Newton descent, trained end to
+end through a differentiable linear solver.
 
 Blendowski, Hansen, Heinrich, "Weakly-supervised learning of multi-modal features for
 regularised iterative descent in 3D image registration", Medical Image Analysis 67, 2021. No
