@@ -501,6 +501,8 @@ def _write_output_files(result: RegistrationResult, folder: str,
         summary = summarise(result, warped, determinant, fixed_labels, moving_labels,
                             warped_labels, longest, strict_determinant)
         summary.update(composition_summary(result, determinant, strict_determinant))
+    summary["timings_seconds"]["compute summary metrics"] = round(
+        timings["compute summary metrics"], 3)  # summarise copied the timings before this one
     summary.update(extra or {})
     if figure:
         report(0.75, "drawing the QA figure")

@@ -10,9 +10,10 @@ module runs, ``python -m DeepRegistrationLib register FIXED MOVING -o DIR --fixe
 --moving-labels M`` (io, every output and the QA figure). Reported, as medians over the runs:
 
 - the whole process (wall and CPU seconds, peak resident memory from ``wait4``);
-- start-up: a process that only starts the interpreter and imports what ``register`` imports
-  before it reads anything (cli, images, methods, engine, outputs), with the heaviest imports
-  from ``python -X importtime``; matplotlib, imported when the figure is drawn, is counted there;
+- start-up: from launching a process that only imports what ``register`` imports before it
+  reads anything (cli, images, methods, engine, outputs) to the end of those imports (its exit
+  not counted), with the heaviest imports from ``python -X importtime``; matplotlib, imported
+  when the figure is drawn, is counted there;
 - read: ``images.load_image`` / ``load_labels`` on the same files, timed in this process;
 - every stage the process itself records in ``summary.json`` (``timings_seconds``): resampling,
   the global stage, each pyramid level of io (preparation and its steps), the final integration,
@@ -71,6 +72,16 @@ def write_case(spacing, folder):
     for name, image in zip(names, demo_pair(spacing, seed=7)):
         sitk.WriteImage(image, paths[name], useCompression=True)
     return paths
+
+
+def startup_seconds(code, root):
+    """From launching a process to the end of ``code`` in it (its exit, which the whole process
+    pays once at its end, is not counted here)."""
+    command = [sys.executable, "-c", f"{code}\nimport time\nprint(time.time())"]
+    launched = time.time()
+    done = subprocess.run(command, env=tree_env(root), cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    return float(done.split()[-1]) - launched
 
 
 def import_breakdown(root):
@@ -134,8 +145,9 @@ def component_breakdown(paths, repeats=5):
     scale = io._normalising_scale(control)
     loss_of = io._feature_loss("lncc", fixed)
     generator = torch.Generator().manual_seed(0)
-    # a smooth velocity of a few voxels, like the ones io reaches (squaring count ~5)
-    coarse = torch.randn(1, 3, 4, 5, 4, generator=generator) * 3.0
+    # a smooth velocity of about a control voxel, like the ones io reaches on MNI152 pairs
+    # (3 squarings, the minimum, on every level of a 2 mm registration)
+    coarse = torch.randn(1, 3, 4, 5, 4, generator=generator) * 0.5
     velocity = F.interpolate(coarse, size=control, mode="trilinear",
                              align_corners=True).requires_grad_(True)
     small = (torch.randn(1, 3, *control, generator=generator) * 0.01).requires_grad_(True)
@@ -188,10 +200,8 @@ def profile(spacing, args, root):
         paths = write_case(spacing, folder)
         import SimpleITK as sitk
         out["size"] = sitk.ReadImage(paths["fixed"]).GetSize()
-        interpreter = [run_process([sys.executable, "-c", "pass"])[0]
-                       for _ in range(args.repeats)]
-        startup = [run_process([sys.executable, "-c", STARTUP_IMPORTS], tree_env(root), root)[0]
-                   for _ in range(args.repeats)]
+        interpreter = [startup_seconds("pass", root) for _ in range(args.repeats)]
+        startup = [startup_seconds(STARTUP_IMPORTS, root) for _ in range(args.repeats)]
         out["interpreter"], out["startup"] = median(interpreter), median(startup)
         out["imports"] = import_breakdown(root)
         out["read"] = read_seconds(paths, args.repeats)
@@ -258,7 +268,8 @@ def report(result, label, load_before, load_after, started, threads):
         value = f"{seconds:.3f}" if seconds is not None else "-"
         lines.append(f"| {'&nbsp;' * 4 * indent}{name} | {value} | {share} |")
 
-    row("start-up: interpreter + imports (separate process)", result["startup"])
+    row("start-up: interpreter + imports (separate process, to the end of its imports)",
+        result["startup"])
     row("of which the interpreter alone", result["interpreter"], 1)
     for seconds, depth, name in result["imports"]:
         row(f"import {name}", seconds, 1 + depth)
