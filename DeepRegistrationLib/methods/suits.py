@@ -162,8 +162,9 @@ def data_blocks(gradients: torch.Tensor) -> torch.Tensor:
 
 
 def block_columns(blocks: torch.Tensor):
-    """The three columns ``(B, 3, D, H, W)`` of per-voxel 3x3 matrices, contiguous: applying them
-    column by column (:func:`block_apply`) is about twice as fast as a broadcast product."""
+    """The three columns ``(B, 3, D, H, W)`` of per-voxel 3x3 matrices, contiguous: applied column
+    by column (:func:`block_apply`, three fused multiply-adds) instead of a broadcast product
+    over all nine entries and its strided reduction."""
     return [blocks[:, :, column].contiguous() for column in range(3)]
 
 
@@ -228,8 +229,8 @@ def _solve_system(blocks: torch.Tensor, rhs: torch.Tensor, settings) -> torch.Te
     regularization, epsilon, tolerance, max_iterations, _ = settings
     columns = block_columns(blocks)
     inverse = block_columns(block_jacobi(blocks, regularization, epsilon))
-    # the CG's many small operations (a few 10^4 voxels) ran 3x faster on one thread than on two
-    # when other jobs shared the cores: a parallel region waits for its slowest thread
+    # one thread: the CG's many small operations (a few 10^4 voxels) gain nothing from a second,
+    # and on a shared machine every parallel region waits for its slowest thread
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -545,9 +546,9 @@ SPEC = register_method(MethodSpec(
     similarities=("lncc", "mind", "ncc", "mse", "ngf", "mi"),
     # trainer schema (training/train.py): the loss_fn hook runs both phases; no coarse stage (the
     # features are learned at the grid they are used on); second-contrast pairs are the point.
-    # lr 1e-4 for the combined run: at 1e-3 the end-to-end phase's cross-entropy oscillated in
-    # a smoke run and the features fell apart (validation Dice 0.75 -> 0.29 in 10 steps); the
-    # two-run recipe (docs/methods/suits.md) uses 1e-3 for the replica and less end to end
+    # lr 1e-4 for the combined run: at 1e-3 the end-to-end phase of a smoke run took the
+    # validation Dice from 0.75 to 0.29 in 10 steps (docs/methods/suits/smoke); the ablation
+    # script trains the replica at 1e-3 and end to end at 1e-4
     training={"loss_fn": training_loss, "lr": 1e-4, "batch_size": 2, "curriculum": None,
               # canvases a multiple of 16 like every network's (the recipes' windows assume it)
               "synth": {"contrast_probability": 0.5, "multiple": 16}},
