@@ -60,21 +60,6 @@ def physical_to_displacement(vectors: np.ndarray, reference: sitk.Image) -> torc
     return torch.from_numpy(u_ijk).permute(3, 0, 1, 2).flip(0)[None].float().contiguous()
 
 
-def _physical_vectors(displacement: torch.Tensor, reference: sitk.Image) -> np.ndarray:
-    """:func:`displacement_to_physical` in float32 (what the field file holds): ``U = D S u``
-    as three multiply-adds per component over the grid, instead of float64 (N, 3) @ (3, 3)
-    products (a 1 mm field: 0.2 GB of float64 and seconds)."""
-    linear = index_to_physical_matrix(reference)[:3, :3]  # D S, acting on (i, j, k)
-    u_ijk = displacement[0].to(torch.float32).flip(0)
-    out = torch.empty(tuple(u_ijk.shape[1:]) + (3,), dtype=torch.float32)
-    with torch.no_grad():
-        for row in range(3):
-            torch.mul(u_ijk[0], float(linear[row, 0]), out=out[..., row])
-            out[..., row].add_(u_ijk[1], alpha=float(linear[row, 1]))
-            out[..., row].add_(u_ijk[2], alpha=float(linear[row, 2]))
-    return out.numpy()
-
-
 def displacement_field_image(displacement: torch.Tensor, reference: sitk.Image,
                              vectors: Optional[np.ndarray] = None) -> sitk.Image:
     """The ITK displacement field (``sitkVectorFloat32``, fixed grid, LPS mm).
@@ -97,18 +82,24 @@ def write_displacement_field(field: sitk.Image, path: str) -> None:
     Written with nibabel because SimpleITK's vector images cannot carry the 1006 intent (ITK
     allows it only for itk::Vector pixels). The header holds the same affine as qform and sform.
     """
-    import nibabel
-
     vectors = sitk.GetArrayViewFromImage(field)  # (k, j, i, 3), LPS
     if vectors.ndim != 4 or vectors.shape[-1] != 3:
         raise ValueError("a 3-D field of 3-component vectors is needed")
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    affine = lps_to_ras @ index_to_physical_matrix(field)
     # On disk NIfTI runs i fastest, then j, k, t, component: the C-order (c, t, k, j, i) array,
     # handed to nibabel as its Fortran-order (i, j, k, t, c) view (no further copy).
     ras = np.empty((3, 1) + vectors.shape[:3], dtype=np.float32)
     for component, sign in enumerate((-1.0, -1.0, 1.0)):
         np.multiply(vectors[..., component], sign, out=ras[component, 0])
+    _write_ras_vectors(ras, field, path)
+
+
+def _write_ras_vectors(ras: np.ndarray, reference: sitk.Image, path: str) -> None:
+    """The file of :func:`write_displacement_field` from its data: RAS vectors, C-order
+    ``(3, 1, k, j, i)`` float32, on ``reference``'s grid."""
+    import nibabel
+
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine = lps_to_ras @ index_to_physical_matrix(reference)
     image = nibabel.Nifti1Image(ras.T, affine)
     image.header.set_qform(affine, code=1)
     image.header.set_sform(affine, code=1)
@@ -119,6 +110,31 @@ def write_displacement_field(field: sitk.Image, path: str) -> None:
         write_gzipped(lambda raw: nibabel.save(image, raw), path, 0)
     else:
         nibabel.save(image, path)
+
+
+def _write_field_from_voxels(displacement: torch.Tensor, reference: sitk.Image,
+                             path: str) -> np.ndarray:
+    """``write_displacement_field(displacement_field_image(displacement, reference), path)``
+    with one copy of the field in memory instead of three (the LPS vectors, the image, the RAS
+    array: 0.3 GB at 1 mm): the RAS array is computed straight from the voxel field, in float32
+    (three multiply-adds per component over the grid instead of float64 (N, 3) @ (3, 3)
+    products). Returns the longest LPS vector (``(1, 3)``)."""
+    linear = index_to_physical_matrix(reference)[:3, :3]  # D S, acting on (i, j, k)
+    u_ijk = displacement[0].to(torch.float32).flip(0)
+    ras = torch.empty((3, 1) + tuple(u_ijk.shape[1:]), dtype=torch.float32)
+    with torch.no_grad():
+        for row in range(3):  # LPS first: U = D S u
+            out = ras[row, 0]
+            torch.mul(u_ijk[0], float(linear[row, 0]), out=out)
+            out.add_(u_ijk[1], alpha=float(linear[row, 1]))
+            out.add_(u_ijk[2], alpha=float(linear[row, 2]))
+        squared = (ras[:, 0] * ras[:, 0]).sum(0)
+        index = np.unravel_index(int(torch.argmax(squared)), tuple(squared.shape))
+        del squared
+        longest = ras[(slice(None), 0) + tuple(index)].numpy().copy()
+        ras[:2].neg_()  # LPS -> RAS
+    _write_ras_vectors(ras.numpy(), reference, path)
+    return longest[None]
 
 
 def read_displacement_field(path: str, reference: Optional[sitk.Image] = None) -> torch.Tensor:
@@ -164,7 +180,7 @@ def warped_grid(displacement: torch.Tensor, every: int = 8) -> np.ndarray:
     return sample_displaced(lines, lines, displacement, default=None)
 
 
-def jacobian_maps(displacement: torch.Tensor, slab: int = 16):
+def jacobian_maps(displacement: torch.Tensor, slab: int = 8):
     """``(metrics.jacobian_determinant_map, metrics.strict_jacobian_determinant_map)`` of the
     field, from one pass over it.
 
@@ -172,7 +188,7 @@ def jacobian_maps(displacement: torch.Tensor, slab: int = 16):
     ``spatial.strict_jacobian_determinant``) and the strict one their minimum, so both come from
     the same 8 determinants instead of two computations of the derivatives. In float64, slab by
     slab along D with one neighbouring slice on each side (dropped afterwards), as ``metrics``
-    does, so a 1 mm head needs tens of MB.
+    does; 8 slices keep the temporaries of a 1 mm head near 0.1 GB.
     """
     field = torch.as_tensor(displacement)
     field = field[None] if field.dim() == 4 else field
@@ -464,10 +480,11 @@ def _write_output_files(result: RegistrationResult, folder: str,
     save("jacobian", image_from_array(determinant.astype(np.float32), result.fixed))
     save("folding", image_from_array(folded.astype(np.uint8), result.fixed))
     report(0.3, "writing the displacement field")
-    with timed("compute displacement field (mm)"):
-        vectors = _physical_vectors(result.displacement, result.fixed)
-        field_image = displacement_field_image(result.displacement, result.fixed, vectors)
-    save("displacement", field_image)
+    paths["displacement"] = os.path.join(folder, OUTPUT_FILES["displacement"])
+    with timed("compute and write displacement.nii.gz"):
+        # summarise needs only the longest vector (max_displacement_mm)
+        longest = _write_field_from_voxels(result.displacement, result.fixed,
+                                           paths["displacement"])
     paths["affine"] = os.path.join(folder, OUTPUT_FILES["affine"])
     sitk.WriteTransform(global_transform(result), paths["affine"])
     if result.deformable is None or result.deformable is result.displacement or (
@@ -477,15 +494,9 @@ def _write_output_files(result: RegistrationResult, folder: str,
         with timed(f"write {OUTPUT_FILES['deformable']}"):
             shutil.copyfile(paths["displacement"], paths["deformable"])
     else:
-        with timed("compute deformable field (mm)"):
-            deformable_image = displacement_field_image(
-                result.deformable, result.fixed, _physical_vectors(result.deformable, result.fixed))
-        save("deformable", deformable_image)
-        del deformable_image
-    # summarise needs only the longest vector (max_displacement_mm): keep that, free the field
-    squared = np.einsum("...c,...c->...", vectors, vectors)
-    longest = vectors.reshape(-1, 3)[int(np.argmax(squared))][None]
-    del field_image, vectors, squared
+        paths["deformable"] = os.path.join(folder, OUTPUT_FILES["deformable"])
+        with timed("compute and write deformable.nii.gz"):
+            _write_field_from_voxels(result.deformable, result.fixed, paths["deformable"])
     with timed("compute warped grid"):
         grid = warped_grid(result.displacement)
     save("grid", image_from_array(grid, result.fixed))

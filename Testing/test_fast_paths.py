@@ -20,8 +20,9 @@ from DeepRegistrationLib.methods import instance_optimisation as io
 from DeepRegistrationLib.methods.base import pyramid_shapes
 from DeepRegistrationLib.metrics import (jacobian_determinant_map,
                                          strict_jacobian_determinant_map)
-from DeepRegistrationLib.outputs import (_physical_vectors, displacement_to_physical,
-                                         grid_lines, jacobian_maps, warped_grid)
+from DeepRegistrationLib.outputs import (_write_field_from_voxels, displacement_field_image,
+                                         displacement_to_physical, grid_lines, jacobian_maps,
+                                         warped_grid, write_displacement_field)
 from DeepRegistrationLib.progress import ProgressScope
 from DeepRegistrationLib.spatial import integrate_velocity, resize_image, warp
 from conftest import blob_volume, make_image, oblique_direction
@@ -164,10 +165,24 @@ def test_fast_output_computations_match_the_spatial_kit():
     displacement = torch.randn(1, 3, 18, 20, 22, generator=generator) * 3.0
     lines = torch.from_numpy(grid_lines(displacement.shape[2:]))[None, None]
     assert np.abs(warped_grid(displacement) - warp(lines, displacement)[0, 0].numpy()).max() < 1e-5
+
+
+def test_field_written_from_voxels_equals_the_field_image_route(tmp_path):
+    generator = torch.Generator().manual_seed(10)
+    displacement = torch.randn(1, 3, 18, 20, 22, generator=generator) * 3.0
     reference = make_image(np.zeros((18, 20, 22), np.float32), spacing=(1.1, 0.7, 2.0),
-                           direction=oblique_direction(0.4))
-    assert np.abs(_physical_vectors(displacement, reference)
-                  - displacement_to_physical(displacement, reference)).max() < 1e-4
+                           origin=(4.0, -3.0, 2.0), direction=oblique_direction(0.4))
+    longest = _write_field_from_voxels(displacement, reference, tmp_path / "fast.nii.gz")
+    write_displacement_field(displacement_field_image(displacement, reference),
+                             tmp_path / "slow.nii.gz")
+    fast, slow = (sitk.ReadImage(str(tmp_path / f"{n}.nii.gz")) for n in ("fast", "slow"))
+    assert fast.GetDirection() == pytest.approx(slow.GetDirection())
+    assert fast.GetOrigin() == pytest.approx(slow.GetOrigin())
+    assert np.abs(sitk.GetArrayFromImage(fast) - sitk.GetArrayFromImage(slow)).max() < 1e-4
+    vectors = displacement_to_physical(displacement, reference)  # LPS read back, float64 route
+    assert np.abs(sitk.GetArrayFromImage(fast) - vectors).max() < 1e-4
+    norms = np.linalg.norm(vectors, axis=-1)
+    assert np.linalg.norm(longest) == pytest.approx(norms.max(), rel=1e-5)
 
 
 def test_both_jacobian_maps_from_one_pass_equal_the_metrics():

@@ -133,10 +133,19 @@ def _exponential(velocity: torch.Tensor, identity: torch.Tensor,
 
 
 def _to_voxels(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A normalised (x, y, z) field resized to ``shape`` and returned in voxels (k, j, i)."""
-    if tuple(field.shape[2:]) != tuple(shape):
-        field = F.interpolate(field, size=tuple(shape), mode="trilinear", align_corners=True)
-    return field.flip(1).div_(_normalising_scale(shape, field.device))
+    """A normalised (x, y, z) field resized to ``shape`` and returned in voxels (k, j, i).
+
+    A channel at a time into the result, so a 1 mm field has one copy plus one channel alive
+    (resizing all three and then flipping held two copies, 0.2 GB)."""
+    shape = tuple(int(n) for n in shape)
+    scale = _normalising_scale(shape).flatten().tolist()
+    out = torch.empty((1, 3) + shape, dtype=field.dtype, device=field.device)
+    for channel in range(3):  # channel c (k, j, i) is normalised channel 2 - c (x, y, z)
+        part = field[:, 2 - channel:3 - channel]
+        if tuple(field.shape[2:]) != shape:
+            part = F.interpolate(part, size=shape, mode="trilinear", align_corners=True)
+        torch.div(part, scale[channel], out=out[:, channel:channel + 1])
+    return out
 
 
 def _smooth(image: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
