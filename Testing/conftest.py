@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic volumes with real geometry (oblique, anisotropic)."""
+"""Shared fixtures: small synthetic volumes with real geometry (oblique, anisotropic), and the
+checks of a network method through the engine (no checkpoint; a saved random network)."""
 from __future__ import annotations
 
 import os
@@ -78,3 +79,44 @@ def moving_other_grid(oblique_fixed):
         (np.array(reference.GetSize()) - 1) * np.array(reference.GetSpacing()) / 2)
     reference.SetOrigin(tuple(centre_fixed - half + np.array([1.5, -1.0, 0.5])))
     return sitk.Resample(oblique_fixed, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+
+
+def shifted_blob_images(shape=(30, 36, 28), spacing=(2.0, 2.0, 2.0)):
+    """A blob image and the same blobs shifted one voxel along k, as SimpleITK images: a pair
+    for running a network method through the engine, small enough for a quick test."""
+    fixed = blob_volume(shape, seed=12)
+    moving = np.roll(blob_volume(shape, seed=12), 1, axis=0)
+    return make_image(fixed, spacing), make_image(moving, spacing)
+
+
+def assert_engine_refuses_without_checkpoint(method, variant, tmp_path, monkeypatch):
+    """With no checkpoint in the only checkpoint folder (``tmp_path``), the engine refuses
+    ``method`` with a one-line ``UserInputError``, and for ``variant`` names the file it looked
+    for (``<method>-<variant>.pt``): what a user without trained weights sees."""
+    from DeepRegistrationLib import engine
+    from DeepRegistrationLib.errors import UserInputError
+    from DeepRegistrationLib.methods import base
+    monkeypatch.setattr(base, "checkpoint_folders", lambda: [str(tmp_path)])
+    fixed, moving = shifted_blob_images()
+    with pytest.raises(UserInputError, match="no trained checkpoint") as error:
+        engine.register(fixed, moving, method)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserInputError, match=f"{method}-{variant}.pt"):
+        engine.register(fixed, moving, method, options={"variant": variant})
+
+
+def assert_engine_registers_with_checkpoint(method, network, config, tmp_path, monkeypatch):
+    """Save ``network`` (built from ``config``) as ``method``'s checkpoint in the only checkpoint
+    folder (``tmp_path``) and register ``shifted_blob_images`` with it through the engine: the
+    field must be on the fixed grid, finite and not zero (so the saved weights were used).
+    Returns the pair, for the caller's further checks with other files in the folder."""
+    from DeepRegistrationLib import engine
+    from DeepRegistrationLib.methods import base, save_checkpoint
+    monkeypatch.setattr(base, "checkpoint_folders", lambda: [str(tmp_path)])
+    fixed, moving = shifted_blob_images()
+    save_checkpoint(str(tmp_path / f"{method}.pt"), network, method, config, {"test": 1})
+    result = engine.register(fixed, moving, method)
+    assert result.displacement.shape == (1, 3, 30, 36, 28)  # the fixed grid, (k, j, i)
+    assert torch.isfinite(result.displacement).all()
+    assert result.displacement.abs().max() > 1e-3
+    return fixed, moving

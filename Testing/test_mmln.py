@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume, make_image
+from conftest import (assert_engine_refuses_without_checkpoint,
+                      assert_engine_registers_with_checkpoint, blob_volume, make_image)
 from DeepRegistrationLib import engine, losses
 from DeepRegistrationLib.errors import UserInputError
-from DeepRegistrationLib.methods import base, get_method, load_network, mmln, save_checkpoint
+from DeepRegistrationLib.methods import get_method, load_network, mmln, save_checkpoint
 from DeepRegistrationLib.spatial import gaussian_smooth, integrate_velocity, warp
 
 SHAPE = (16, 24, 16)
@@ -312,32 +313,15 @@ def test_training_loss_terms_per_level_and_variant():
 
 
 # ---------------------------------------------------------------------------------- the engine
-def _images(shape=(30, 36, 28), spacing=(2.0, 2.0, 2.0)):
-    fixed = blob_volume(shape, seed=12)
-    moving = np.roll(blob_volume(shape, seed=12), 1, axis=0)
-    return make_image(fixed, spacing), make_image(moving, spacing)
-
-
 def test_engine_without_checkpoint_fails_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "checkpoint_folders", lambda: [str(tmp_path)])
-    fixed, moving = _images()
-    with pytest.raises(UserInputError, match="no trained checkpoint") as error:
-        engine.register(fixed, moving, "mmln")
-    assert "\n" not in str(error.value)
-    with pytest.raises(UserInputError, match="mmln-LC.pt"):
-        engine.register(fixed, moving, "mmln", options={"variant": "LC"})
+    assert_engine_refuses_without_checkpoint("mmln", "LC", tmp_path, monkeypatch)
 
 
 def test_engine_registers_with_a_checkpoint_and_variants(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "checkpoint_folders", lambda: [str(tmp_path)])
     spec = get_method("mmln")
-    fixed, moving = _images()
     network = perturbed(mmln.build_network(spec.config), scale=0.02, seed=13)
-    save_checkpoint(str(tmp_path / "mmln.pt"), network, "mmln", dict(spec.config), {"test": 1})
-    result = engine.register(fixed, moving, "mmln")
-    assert result.displacement.shape == (1, 3, 30, 36, 28)  # the fixed grid, (k, j, i)
-    assert torch.isfinite(result.displacement).all()
-    assert result.displacement.abs().max() > 1e-3
+    fixed, moving = assert_engine_registers_with_checkpoint("mmln", network, dict(spec.config),
+                                                            tmp_path, monkeypatch)
     # an ablation arm loads its own file, and a file holding another variant is refused
     plain = mmln.build_network(dict(spec.config, variant="L"))  # identity network
     save_checkpoint(str(tmp_path / "mmln-L.pt"), plain, "mmln", dict(spec.config, variant="L"),

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume, make_image
+from conftest import (assert_engine_refuses_without_checkpoint,
+                      assert_engine_registers_with_checkpoint, blob_volume, make_image)
 from DeepRegistrationLib import engine, losses
 from DeepRegistrationLib.errors import UserInputError
-from DeepRegistrationLib.methods import base, get_method, load_network, multiprop, save_checkpoint
+from DeepRegistrationLib.methods import get_method, load_network, multiprop, save_checkpoint
 from DeepRegistrationLib.spatial import compose, warp
 from training import multiprop_training as upper_level
 
@@ -464,33 +465,16 @@ def test_bilevel_training_moves_tunable_weights_and_resumes_them(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------- the engine
-def _images(shape=(30, 36, 28), spacing=(2.0, 2.0, 2.0)):
-    fixed = blob_volume(shape, seed=12)
-    moving = np.roll(blob_volume(shape, seed=12), 1, axis=0)
-    return make_image(fixed, spacing), make_image(moving, spacing)
-
-
 def test_engine_without_checkpoint_fails_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "checkpoint_folders", lambda: [str(tmp_path)])
-    fixed, moving = _images()
-    with pytest.raises(UserInputError, match="no trained checkpoint") as error:
-        engine.register(fixed, moving, "multiprop")
-    assert "\n" not in str(error.value)
-    with pytest.raises(UserInputError, match="multiprop-bilevel.pt"):
-        engine.register(fixed, moving, "multiprop", options={"variant": "bilevel"})
+    assert_engine_refuses_without_checkpoint("multiprop", "bilevel", tmp_path, monkeypatch)
 
 
 def test_engine_registers_on_the_fixed_grid_with_random_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "checkpoint_folders", lambda: [str(tmp_path)])
     spec = get_method("multiprop")
-    fixed, moving = _images()
     config = dict(spec.config, **TINY)
     network = perturbed(multiprop.build_network(config), scale=0.02, seed=13)
-    save_checkpoint(str(tmp_path / "multiprop.pt"), network, "multiprop", config, {"test": 1})
-    result = engine.register(fixed, moving, "multiprop")
-    assert result.displacement.shape == (1, 3, 30, 36, 28)  # the fixed grid, (k, j, i)
-    assert torch.isfinite(result.displacement).all()
-    assert result.displacement.abs().max() > 1e-3
+    fixed, moving = assert_engine_registers_with_checkpoint("multiprop", network, config,
+                                                            tmp_path, monkeypatch)
     # the other variant's file must hold that variant
     save_checkpoint(str(tmp_path / "multiprop-bilevel.pt"), network, "multiprop", config,
                     {"test": 1})

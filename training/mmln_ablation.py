@@ -41,16 +41,19 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
+from .ablation_common import (ablation_parser, add_evaluate_and_speed, means_table,  # noqa: E402
+                              run_command, speed_sentence, time_deployed_network,
+                              trainer_command, write_per_case_csv)
+
+PROG = "python -m training.mmln_ablation"
 ARMS = ("L", "LC", "LCD", "LC-uncoupled", "LCD-uncoupled")
 COMPARISONS = (("LC", "L"), ("LCD", "L"), ("LCD", "LC"), ("LC", "LC-uncoupled"),
                ("LCD", "LCD-uncoupled"))
@@ -69,13 +72,8 @@ def arm_config(arm: str, k: float) -> Dict:
 
 def train_arm(arm: str, k: float, seed: int, output: str, args) -> Dict:
     """Train one arm with ``python -m training train``; returns its model card."""
-    command = [sys.executable, "-m", "training", "train", "--method", "mmln",
-               "--iterations", str(args.iterations), "--seed", str(seed),
-               "--config", json.dumps(arm_config(arm, k)), "--output", output, "--quiet"]
-    for option in ("recipe", "source", "threads", "val_every", "val_cases"):
-        value = getattr(args, option, None)
-        if value is not None:
-            command += [f"--{option.replace('_', '-')}", str(value)]
+    command = trainer_command("mmln", arm_config(arm, k), seed, output, args,
+                              ("recipe", "source", "threads", "val_every", "val_cases"))
     card_path = os.path.splitext(output)[0] + ".json"
     if finished(card_path, args.iterations) and not args.retrain:
         print(f"{output}: trained already, kept (--retrain to train again)", file=sys.stderr)
@@ -243,12 +241,7 @@ def write_evaluation(args, rows: List[Dict]) -> None:
     folder = args.output
     columns = ["seed", "arm", "case", "source", "anatomy", "seconds"] + [m for m, _ in METRICS] \
         + ["ncc", "hd95"]
-    with open(os.path.join(folder, "per_case.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
+    write_per_case_csv(os.path.join(folder, "per_case.csv"), rows, columns)
     comparisons = []
     for subset in ("all", "unseen", "seen"):
         chosen = rows if subset == "all" else [r for r in rows if r["anatomy"] == subset]
@@ -262,19 +255,7 @@ def write_evaluation(args, rows: List[Dict]) -> None:
             writer = csv.DictWriter(handle, fieldnames=list(comparisons[0]))
             writer.writeheader()
             writer.writerows(comparisons)
-    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
-    lines = [f"# MMLN ablation ({args.cases} cases)", "",
-             f"{len(rows)} registrations; seeds {sorted(set(r['seed'] for r in rows))}; "
-             f"Python {platform.python_version()}. Means over (case, seed).", "",
-             "| arm | anatomy | units | " + " | ".join(m for m, _ in METRICS) + " |",
-             "|" + "---|" * (3 + len(METRICS))]
-    for arm in arms:
-        for subset in ("all", "unseen", "seen"):
-            chosen = [r for r in rows if r["arm"] == arm
-                      and (subset == "all" or r["anatomy"] == subset)]
-            if chosen:
-                lines.append(f"| {arm} | {subset} | {len(chosen)} | " + " | ".join(
-                    f"{np.nanmean([r[m] for r in chosen]):.4f}" for m, _ in METRICS) + " |")
+    lines = means_table(f"MMLN ablation ({args.cases} cases)", rows, ARMS, METRICS)
     print("\n".join(lines))
     lines += ["", "## Paired comparisons (first - second over the same (case, seed))", "",
               "| anatomy | first vs second | metric | units | mean first | mean second | "
@@ -294,70 +275,18 @@ def write_evaluation(args, rows: List[Dict]) -> None:
 # ------------------------------------------------------------------------------------- speed
 def command_speed(args) -> None:
     """Seconds of the deployed pyramid (random weights) on a 2 mm MNI152 pair: the network call
-    alone (timed by hooks on the module, so it is the canvas the engine really feeds it) and the
-    whole ``engine.register``; the machine's load average beside them."""
-    import tempfile
+    alone and the whole ``engine.register``, the machine's load average beside them (measured by
+    ``ablation_common.time_deployed_network``, as for MultiProp)."""
     import torch
-    from DeepRegistrationLib import engine
-    from DeepRegistrationLib.methods import get_method, mmln, save_checkpoint
-    from DeepRegistrationLib.methods.base import _NETWORK_CACHE
-    from .evaluate import CaseSpec, build_case
 
-    if args.threads:
-        torch.set_num_threads(int(args.threads))
-    case = build_case(CaseSpec("mni152-speed", "mni152", 0.6), 2.0, 0)
-    spec = get_method("mmln")
-    config = dict(spec.config, **json.loads(args.config))
-    network = mmln.build_network(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random weights that move: every head and residual branch non-zero
-        for parameter in network.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    calls: List[Dict] = []
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(os.path.join(folder, "mmln.pt"), network, "mmln", config,
-                        {"note": "random weights, for timing only"})
-        os.environ["DEEPREG_CHECKPOINTS"] = folder
-        _NETWORK_CACHE.clear()
-        for repeat in range(args.repeats):
-            started = time.perf_counter()
-            cpu = time.process_time()
-            result = engine.register(case.fixed, case.moving, "mmln")
-            total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
-            loaded = next(v for k, v in _NETWORK_CACHE.items() if k[0].startswith(folder))
-            if repeat == 0:
-                loaded.register_forward_pre_hook(
-                    lambda module, inputs: calls.append(
-                        {"start": time.perf_counter(), "cpu": time.process_time(),
-                         "shape": list(inputs[0].shape[2:])}))
-                loaded.register_forward_hook(
-                    lambda module, inputs, output: calls[-1].update(
-                        seconds=time.perf_counter() - calls[-1]["start"],
-                        cpu_seconds=time.process_time() - calls[-1]["cpu"]))
-                continue  # the first call loads the checkpoint and warms up
-            rows.append({"repeat": repeat, "register_seconds": total,
-                         "register_cpu_seconds": total_cpu,
-                         "network_seconds": calls[-1]["seconds"],
-                         "network_cpu_seconds": calls[-1]["cpu_seconds"],
-                         "canvas": calls[-1]["shape"], "load_average": os.getloadavg()[0],
-                         "fixed_size": list(case.fixed.GetSize())})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    summary = {"config": config, "threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "parameters_deployed": sum(p.numel() for p in network.levels.parameters()),
-               "parameters_total": sum(p.numel() for p in network.parameters()),
-               "median_network_seconds": float(np.median([r["network_seconds"] for r in rows])),
-               "median_register_seconds": float(np.median([r["register_seconds"]
-                                                           for r in rows])),
-               # CPU seconds of this process (both threads): on an idle machine the wall time
-               # lies between CPU / threads (perfect parallelism) and CPU (none)
-               "median_network_cpu_seconds": float(np.median([r["network_cpu_seconds"]
-                                                              for r in rows])),
-               "median_register_cpu_seconds": float(np.median([r["register_cpu_seconds"]
-                                                               for r in rows])),
-               "mean_load_average": float(np.mean([r["load_average"] for r in rows])),
-               "runs": rows}
+    # --repeats here counts the warm-up call too (MultiProp's does not), hence one timed run fewer;
+    # the deployed network is the 3-D pyramid alone: the branches only shape its training
+    summary, network = time_deployed_network(
+        "mmln", json.loads(args.config), args.repeats - 1, args.threads,
+        lambda network: {"parameters_deployed": sum(p.numel()
+                                                    for p in network.levels.parameters()),
+                         "parameters_total": sum(p.numel() for p in network.parameters())})
+    config, rows = summary["config"], summary["runs"]
     os.makedirs(args.output, exist_ok=True)
     if args.profile:  # where the network's time goes: one forward on the same canvas, 1 thread
         from torch.profiler import ProfilerActivity, profile
@@ -379,19 +308,12 @@ def command_speed(args) -> None:
     name = f"speed_width{config['width']}.json"
     with open(os.path.join(args.output, name), "w") as handle:
         json.dump(summary, handle, indent=2)
-    print(f"width {config['width']}: network {summary['median_network_seconds']:.2f} s "
-          f"({summary['median_network_cpu_seconds']:.2f} CPU s), whole register "
-          f"{summary['median_register_seconds']:.2f} s "
-          f"({summary['median_register_cpu_seconds']:.2f} CPU s); median of {len(rows)}, load "
-          f"average {summary['mean_load_average']:.1f} on {os.cpu_count()} cores")
+    print(f"width {config['width']}: {speed_sentence(summary, canvas=False)}")
 
 
 # --------------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.mmln_ablation",
-                                     description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    parser, commands = ablation_parser(PROG, __doc__.split("\n\n")[0])
 
     def training_options(command):
         command.add_argument("--iterations", type=int, required=True)
@@ -412,14 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seeds", default="0,1")
     train.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)}")
     training_options(train)
-    evaluate = commands.add_parser("evaluate", help="every arm on the evaluation cases")
-    evaluate.add_argument("--output", required=True)
-    evaluate.add_argument("--cases", default="full")
-    speed = commands.add_parser("speed", help="seconds per 2 mm pair (random weights)")
-    speed.add_argument("--output", required=True)
-    speed.add_argument("--config", default="{}", help="MMLN config overrides (JSON)")
-    speed.add_argument("--repeats", type=int, default=4)
-    speed.add_argument("--threads", type=int)
+    speed = add_evaluate_and_speed(commands, "MMLN", default_repeats=4)
     speed.add_argument("--profile", action="store_true",
                        help="also write torch.profiler's table of one network forward")
     return parser
@@ -427,17 +342,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        {"choose-k": command_choose_k, "train": command_train, "evaluate": command_evaluate,
-         "speed": command_speed}[args.command](args)
-    except UserInputError as error:
-        print(f"python -m training.mmln_ablation: error: {error}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as error:
-        print(f"python -m training.mmln_ablation: error: training failed ({error})",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_command(PROG, {"choose-k": command_choose_k, "train": command_train,
+                              "evaluate": command_evaluate, "speed": command_speed}, args)
 
 
 if __name__ == "__main__":

@@ -31,20 +31,22 @@ from DeepRegistrationLib.runtime import configure_openmp
 configure_openmp()  # before torch (see runtime.py)
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
+from .ablation_common import (ablation_parser, add_evaluate_and_speed, means_table,  # noqa: E402
+                              run_command, speed_sentence, time_deployed_network,
+                              trainer_command, write_per_case_csv)
 from .mmln_ablation import finished, paired  # noqa: E402  (the same bookkeeping)
+
+PROG = "python -m training.multiprop_ablation"
 
 # arm -> (variant, config overrides)
 ARMS = {
@@ -74,13 +76,8 @@ def train_arm(arm: str, seed: int, output: str, args) -> Dict:
     """Train one arm with ``python -m training train``; returns its model card."""
     variant, overrides = ARMS[arm]
     config = dict(overrides, variant=variant, **json.loads(args.config or "{}"))
-    command = [sys.executable, "-m", "training", "train", "--method", "multiprop",
-               "--iterations", str(args.iterations), "--seed", str(seed),
-               "--config", json.dumps(config), "--output", output, "--quiet"]
-    for option in ("recipe", "source", "threads", "val_every", "val_cases", "spacing"):
-        value = getattr(args, option, None)
-        if value is not None:
-            command += [f"--{option.replace('_', '-')}", str(value)]
+    command = trainer_command("multiprop", config, seed, output, args,
+                              ("recipe", "source", "threads", "val_every", "val_cases", "spacing"))
     card_path = os.path.splitext(output)[0] + ".json"
     if finished(card_path, args.iterations) and not args.retrain:
         print(f"{output}: trained already, kept (--retrain to train again)", file=sys.stderr)
@@ -183,24 +180,8 @@ def recovery(rows: List[Dict], cards: Dict) -> List[Dict]:
 def write_evaluation(args, rows: List[Dict], cards: Dict) -> None:
     folder = args.output
     columns = ["seed", "arm", "case", "source", "anatomy", "seconds"] + [m for m, _ in METRICS]
-    with open(os.path.join(folder, "per_case.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
-    lines = [f"# MultiProp ablation ({args.cases} cases)", "",
-             f"{len(rows)} registrations; seeds {sorted({r['seed'] for r in rows})}; Python "
-             f"{platform.python_version()}. Means over (case, seed).", "",
-             "| arm | anatomy | units | " + " | ".join(m for m, _ in METRICS) + " |",
-             "|" + "---|" * (3 + len(METRICS))]
-    for arm in ARMS:
-        for subset in ("all", "unseen", "seen"):
-            chosen = [r for r in rows if r["arm"] == arm
-                      and (subset == "all" or r["anatomy"] == subset)]
-            if chosen:
-                lines.append(f"| {arm} | {subset} | {len(chosen)} | " + " | ".join(
-                    f"{np.nanmean([r[m] for r in chosen]):.4f}" for m, _ in METRICS) + " |")
+    write_per_case_csv(os.path.join(folder, "per_case.csv"), rows, columns)
+    lines = means_table(f"MultiProp ablation ({args.cases} cases)", rows, list(ARMS), METRICS)
     lines += ["", "## Recovery from a mis-set regularisation weight", "",
               "| seed | start | grid best (validation) | metric | mis-set | grid best | bilevel |"
               " recovered share | claim (>= 0.5) |", "|" + "---|" * 9]
@@ -239,85 +220,20 @@ def write_evaluation(args, rows: List[Dict], cards: Dict) -> None:
 # ------------------------------------------------------------------------------------- speed
 def command_speed(args) -> None:
     """Seconds of the deployed network (random weights) on a 2 mm MNI152 pair: the network call
-    alone (timed by hooks on the module, on the canvas the engine feeds it) and the whole
-    ``engine.register``, CPU seconds and the load average beside them."""
-    import tempfile
-    import torch
-    from DeepRegistrationLib import engine
-    from DeepRegistrationLib.methods import get_method, multiprop, save_checkpoint
-    from DeepRegistrationLib.methods.base import _NETWORK_CACHE
-    from .evaluate import CaseSpec, build_case
-
-    if args.threads:
-        torch.set_num_threads(int(args.threads))
-    case = build_case(CaseSpec("mni152-speed", "mni152", 0.6), 2.0, 0)
-    spec = get_method("multiprop")
-    config = dict(spec.config, **json.loads(args.config))
-    network = multiprop.build_network(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random weights that move: every head non-zero
-        for parameter in network.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    calls: List[Dict] = []
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(os.path.join(folder, "multiprop.pt"), network, "multiprop", config,
-                        {"note": "random weights, for timing only"})
-        os.environ["DEEPREG_CHECKPOINTS"] = folder
-        _NETWORK_CACHE.clear()
-        for repeat in range(args.repeats + 1):
-            started, cpu = time.perf_counter(), time.process_time()
-            engine.register(case.fixed, case.moving, "multiprop")
-            total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
-            loaded = next(v for k, v in _NETWORK_CACHE.items() if k[0].startswith(folder))
-            if repeat == 0:
-                loaded.register_forward_pre_hook(
-                    lambda module, inputs: calls.append(
-                        {"start": time.perf_counter(), "cpu": time.process_time(),
-                         "shape": list(inputs[0].shape[2:])}))
-                loaded.register_forward_hook(
-                    lambda module, inputs, output: calls[-1].update(
-                        seconds=time.perf_counter() - calls[-1]["start"],
-                        cpu_seconds=time.process_time() - calls[-1]["cpu"]))
-                continue  # the first call loads the checkpoint and warms up
-            rows.append({"repeat": repeat, "register_seconds": total,
-                         "register_cpu_seconds": total_cpu,
-                         "network_seconds": calls[-1]["seconds"],
-                         "network_cpu_seconds": calls[-1]["cpu_seconds"],
-                         "canvas": calls[-1]["shape"], "load_average": os.getloadavg()[0],
-                         "fixed_size": list(case.fixed.GetSize())})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    summary = {"config": config, "threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "parameters": sum(p.numel() for p in network.parameters()),
-               "median_network_seconds": float(np.median([r["network_seconds"] for r in rows])),
-               "median_register_seconds": float(np.median([r["register_seconds"]
-                                                           for r in rows])),
-               # CPU seconds of this process (all threads): on an idle machine the wall time
-               # lies between CPU / threads (perfect parallelism) and CPU (none)
-               "median_network_cpu_seconds": float(np.median([r["network_cpu_seconds"]
-                                                              for r in rows])),
-               "median_register_cpu_seconds": float(np.median([r["register_cpu_seconds"]
-                                                               for r in rows])),
-               "mean_load_average": float(np.mean([r["load_average"] for r in rows])),
-               "runs": rows}
+    alone and the whole ``engine.register``, CPU seconds and the load average beside them
+    (measured by ``ablation_common.time_deployed_network``, as for MMLN)."""
+    summary, _ = time_deployed_network(
+        "multiprop", json.loads(args.config), args.repeats, args.threads,
+        lambda network: {"parameters": sum(p.numel() for p in network.parameters())})
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "speed.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    print(f"network {summary['median_network_seconds']:.2f} s "
-          f"({summary['median_network_cpu_seconds']:.2f} CPU s) on a "
-          f"{'x'.join(map(str, rows[-1]['canvas']))} canvas, whole register "
-          f"{summary['median_register_seconds']:.2f} s "
-          f"({summary['median_register_cpu_seconds']:.2f} CPU s); median of {len(rows)}, load "
-          f"average {summary['mean_load_average']:.1f} on {os.cpu_count()} cores")
+    print(speed_sentence(summary, canvas=True))
 
 
 # --------------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.multiprop_ablation",
-                                     description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    parser, commands = ablation_parser(PROG, __doc__.split("\n\n")[0])
     train = commands.add_parser("train", help="train every arm and seed")
     train.add_argument("--iterations", type=int, required=True)
     train.add_argument("--output", required=True)
@@ -333,30 +249,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--val-cases", type=int, dest="val_cases")
     train.add_argument("--retrain", action="store_true",
                        help="train again even where a checkpoint exists")
-    evaluate = commands.add_parser("evaluate", help="every arm on the evaluation cases")
-    evaluate.add_argument("--output", required=True)
-    evaluate.add_argument("--cases", default="full")
-    speed = commands.add_parser("speed", help="seconds per 2 mm pair (random weights)")
-    speed.add_argument("--output", required=True)
-    speed.add_argument("--config", default="{}", help="MultiProp config overrides (JSON)")
-    speed.add_argument("--repeats", type=int, default=3)
-    speed.add_argument("--threads", type=int)
+    add_evaluate_and_speed(commands, "MultiProp", default_repeats=3)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        {"train": command_train, "evaluate": command_evaluate,
-         "speed": command_speed}[args.command](args)
-    except UserInputError as error:
-        print(f"python -m training.multiprop_ablation: error: {error}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as error:
-        print(f"python -m training.multiprop_ablation: error: training failed ({error})",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_command(PROG, {"train": command_train, "evaluate": command_evaluate,
+                              "speed": command_speed}, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,211 @@
+"""What the ablation scripts ``training/mmln_ablation.py`` and ``training/multiprop_ablation.py``
+share, so that their arms are trained, tabulated and timed the same way and their outputs stay
+comparable: the trainer command line, the per-case CSV and the table of means, the speed of the
+deployed network with random weights, and the command-line frame (sub-commands, exit status).
+
+(Their per-case metrics and paired statistics, ``finished``, ``paired`` and ``case_metrics``, are
+in ``mmln_ablation.py``, which came first.)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from DeepRegistrationLib.errors import UserInputError
+
+if TYPE_CHECKING:  # torch is imported only when timing: the scripts set OpenMP up before it
+    import torch
+
+SUBSETS = ("all", "unseen", "seen")  # the rows of each arm in the table of means
+
+
+# ---------------------------------------------------------------------------------- training
+def trainer_command(method: str, config: Dict, seed: int, output: str, args,
+                    options: Sequence[str]) -> List[str]:
+    """``python -m training train`` for one arm; each of ``options`` that ``args`` sets (an
+    attribute name such as ``val_every``) is passed on as its flag (``--val-every``)."""
+    command = [sys.executable, "-m", "training", "train", "--method", method,
+               "--iterations", str(args.iterations), "--seed", str(seed),
+               "--config", json.dumps(config), "--output", output, "--quiet"]
+    for option in options:
+        value = getattr(args, option, None)
+        if value is not None:
+            command += [f"--{option.replace('_', '-')}", str(value)]
+    return command
+
+
+# -------------------------------------------------------------------------------- evaluation
+def write_per_case_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> None:
+    """One line per registration; floats with 6 significant digits, keys outside ``columns``
+    left out."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
+
+
+def means_table(title: str, rows: List[Dict], arms: Sequence[str],
+                metrics: Sequence[Tuple[str, bool]]) -> List[str]:
+    """The opening of a ``results.md``: the title, what was run, then a Markdown row per arm and
+    anatomy subset (all cases, unseen, seen) with the mean of each metric over its (case, seed)
+    units, NaN skipped. Arms and subsets without rows get no row."""
+    lines = [f"# {title}", "",
+             f"{len(rows)} registrations; seeds {sorted({r['seed'] for r in rows})}; Python "
+             f"{platform.python_version()}. Means over (case, seed).", "",
+             "| arm | anatomy | units | " + " | ".join(m for m, _ in metrics) + " |",
+             "|" + "---|" * (3 + len(metrics))]
+    for arm in arms:
+        for subset in SUBSETS:
+            chosen = [r for r in rows if r["arm"] == arm
+                      and (subset == "all" or r["anatomy"] == subset)]
+            if chosen:
+                lines.append(f"| {arm} | {subset} | {len(chosen)} | " + " | ".join(
+                    f"{np.nanmean([r[m] for r in chosen]):.4f}" for m, _ in metrics) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- speed
+def time_deployed_network(method: str, config_overrides: Dict, timed_runs: int,
+                          threads: Optional[int],
+                          count_parameters: Callable[[torch.nn.Module], Dict[str, int]]
+                          ) -> Tuple[Dict, torch.nn.Module]:
+    """Register a 2 mm MNI152 pair ``timed_runs`` times (after one warm-up call) with ``method``'s
+    network, built from its default config plus ``config_overrides`` and given random weights:
+    the cost of a network does not depend on its weights, so nothing has to be trained first.
+
+    Each run times the network call alone (hooks on the loaded module, so it is the canvas the
+    engine really feeds it) and the whole ``engine.register``, in wall and CPU seconds, with the
+    machine's load average beside them. ``count_parameters(network)`` gives the parameter counts
+    the summary records (the methods count different parts of their networks).
+
+    Returns the summary (``config``, the medians, ``runs``: one row per timed call, each also
+    printed to stderr as it is measured) and the network, for callers that examine it further.
+    """
+    import tempfile
+    import torch
+    from DeepRegistrationLib import engine
+    from DeepRegistrationLib.methods import get_method, save_checkpoint
+    from DeepRegistrationLib.methods.base import _NETWORK_CACHE
+    from .evaluate import CaseSpec, build_case
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    case = build_case(CaseSpec("mni152-speed", "mni152", 0.6), 2.0, 0)
+    spec = get_method(method)
+    config = dict(spec.config, **config_overrides)
+    network = spec.build_network(config)
+    generator = torch.Generator().manual_seed(0)
+    # random weights that move: the zero-initialised heads (and MMLN's residual branches) become
+    # non-zero, so every part of the network does its real work
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    calls: List[Dict] = []
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(os.path.join(folder, f"{method}.pt"), network, method, config,
+                        {"note": "random weights, for timing only"})
+        os.environ["DEEPREG_CHECKPOINTS"] = folder
+        _NETWORK_CACHE.clear()
+        for repeat in range(timed_runs + 1):
+            started, cpu = time.perf_counter(), time.process_time()
+            engine.register(case.fixed, case.moving, method)
+            total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
+            loaded = next(v for k, v in _NETWORK_CACHE.items() if k[0].startswith(folder))
+            if repeat == 0:
+                # the engine's own network object exists only after the first call, so the
+                # hooks that time its forward go on now
+                loaded.register_forward_pre_hook(
+                    lambda module, inputs: calls.append(
+                        {"start": time.perf_counter(), "cpu": time.process_time(),
+                         "shape": list(inputs[0].shape[2:])}))
+                loaded.register_forward_hook(
+                    lambda module, inputs, output: calls[-1].update(
+                        seconds=time.perf_counter() - calls[-1]["start"],
+                        cpu_seconds=time.process_time() - calls[-1]["cpu"]))
+                continue  # the first call loads the checkpoint and warms up
+            rows.append({"repeat": repeat, "register_seconds": total,
+                         "register_cpu_seconds": total_cpu,
+                         "network_seconds": calls[-1]["seconds"],
+                         "network_cpu_seconds": calls[-1]["cpu_seconds"],
+                         "canvas": calls[-1]["shape"], "load_average": os.getloadavg()[0],
+                         "fixed_size": list(case.fixed.GetSize())})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    summary = {"config": config, "threads": torch.get_num_threads(),
+               "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               **count_parameters(network),
+               "median_network_seconds": float(np.median([r["network_seconds"] for r in rows])),
+               "median_register_seconds": float(np.median([r["register_seconds"]
+                                                           for r in rows])),
+               # CPU seconds of this process (all threads): on an idle machine the wall time
+               # lies between CPU / threads (perfect parallelism) and CPU (none)
+               "median_network_cpu_seconds": float(np.median([r["network_cpu_seconds"]
+                                                              for r in rows])),
+               "median_register_cpu_seconds": float(np.median([r["register_cpu_seconds"]
+                                                               for r in rows])),
+               "mean_load_average": float(np.mean([r["load_average"] for r in rows])),
+               "runs": rows}
+    return summary, network
+
+
+def speed_sentence(summary: Dict, canvas: bool) -> str:
+    """The one-line result of ``time_deployed_network``: medians of the network call and of the
+    whole registration (wall and CPU), the load average, and with ``canvas`` the network's
+    input size."""
+    rows = summary["runs"]
+    where = f" on a {'x'.join(map(str, rows[-1]['canvas']))} canvas" if canvas else ""
+    return (f"network {summary['median_network_seconds']:.2f} s "
+            f"({summary['median_network_cpu_seconds']:.2f} CPU s){where}, whole register "
+            f"{summary['median_register_seconds']:.2f} s "
+            f"({summary['median_register_cpu_seconds']:.2f} CPU s); median of {len(rows)}, load "
+            f"average {summary['mean_load_average']:.1f} on {os.cpu_count()} cores")
+
+
+# --------------------------------------------------------------------------------------- main
+def ablation_parser(prog: str, description: str
+                    ) -> Tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The script's parser and its (required) sub-commands, for the script to add to."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    return parser, commands
+
+
+def add_evaluate_and_speed(commands: argparse._SubParsersAction, method_title: str,
+                           default_repeats: int) -> argparse.ArgumentParser:
+    """The ``evaluate`` and ``speed`` sub-commands; returns ``speed``'s parser for the options
+    only one script has."""
+    evaluate = commands.add_parser("evaluate", help="every arm on the evaluation cases")
+    evaluate.add_argument("--output", required=True)
+    evaluate.add_argument("--cases", default="full")
+    speed = commands.add_parser("speed", help="seconds per 2 mm pair (random weights)")
+    speed.add_argument("--output", required=True)
+    speed.add_argument("--config", default="{}", help=f"{method_title} config overrides (JSON)")
+    speed.add_argument("--repeats", type=int, default=default_repeats)
+    speed.add_argument("--threads", type=int)
+    return speed
+
+
+def run_command(prog: str, commands: Dict[str, Callable], args) -> int:
+    """Run the chosen sub-command. A user error or a failed training run is one line on stderr
+    rather than a traceback, with the exit status 2 or 1."""
+    try:
+        commands[args.command](args)
+    except UserInputError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as error:
+        print(f"{prog}: error: training failed ({error})", file=sys.stderr)
+        return 1
+    return 0
