@@ -125,7 +125,10 @@ def test_recipe_stages_scale_with_the_method_and_run_in_order():
                                .get_method("vm-diff"))
     stages = resolve_curriculum(spec, TrainOptions(method="vm-diff", output="x", iterations=100),
                                 2.0, GENERAL.for_method(4)["stages"])
-    assert [(s["spacing_mm"], s["steps"]) for s in stages] == [(8.0, 30), (4.0, 60)]
+    # each stage ends after its own share of the steps, in order (shares are per stage)
+    first, second = (s["fraction"] for s in GENERAL.stages)
+    assert [(s["spacing_mm"], s["steps"]) for s in stages] == [
+        (8.0, round(100 * first)), (4.0, round(100 * (first + second)))]
     # a stage no coarser than the working grid is dropped
     stages = resolve_curriculum(spec, TrainOptions(method="vm-diff", output="x", iterations=100),
                                 4.0, GENERAL.for_method(4)["stages"])
@@ -193,3 +196,127 @@ def test_a_warm_start_records_the_checkpoint_it_started_from(tmp_path):
     assert start["checkpoint"] == "a.pt" and start["sha256"] == first["sha256"]
     assert start["trained_on"] == ["seen"] and start["iterations"] == 2
     assert third["training"]["warm_start"] == start
+
+
+def _tiny_batch():
+    generator = PairGenerator([coronal_blobs()], SynthConfig(spacing_mm=4.0, multiple=16), seed=2)
+    batch = generator.batch([0, 1])
+    batch.update(step=0, iterations=1, training=True)
+    return batch
+
+
+@pytest.mark.parametrize("method, config", [
+    ("vm-diff", TINY),
+    ("vtn", {"variant": "AD", "features": 4}),
+    ("vtn", {"variant": "AD", "features": 4, "invertibility": True}),
+    ("r2net-svf", {"encoder": [4, 8, 8, 8], "features": 4}),
+    ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 2}),
+])
+def test_guidance_terms_act_on_the_final_field_of_every_method(method, config):
+    from DeepRegistrationLib.methods import get_method
+    from training.train import GUIDANCE, make_loss_fn, supervised_field_loss
+
+    spec = get_method(method)
+    config = {k: v for k, v in dict(spec.config, **config).items() if k in spec.config}
+    torch.manual_seed(0)
+    network = spec.build_network(config).eval()
+    batch = _tiny_batch()
+    batch.update(spec=spec, config=config)
+    fixed, moving = batch["fixed"], batch["moving"]
+    plain, plain_terms = make_loss_fn(spec)(network, fixed, moving, dict(batch))
+    guided, terms = make_loss_fn(spec, {"supervised": 0.5, "dice": 2.0})(
+        network, fixed, moving, dict(batch))
+    with torch.no_grad():
+        field = network(fixed, moving)
+    # the terms are the ones of the network's own field, and they add to the method's loss
+    assert terms["guidance_supervised"] == pytest.approx(
+        float(supervised_field_loss(field, batch["displacement"])), rel=1e-4)
+    assert terms["guidance_dice"] == pytest.approx(
+        float(soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], field)), rel=1e-4)
+    assert float(guided.detach()) == pytest.approx(
+        float(plain.detach()) + 0.5 * terms["guidance_supervised"] + 2.0 * terms["guidance_dice"],
+        rel=1e-4)
+    assert set(plain_terms) <= set(terms)
+    # and their gradient reaches the network
+    network.zero_grad()
+    make_loss_fn(spec, {"supervised": 1.0})(network, fixed, moving, dict(batch))[0].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+    assert set(GUIDANCE) == {"supervised", "dice"}
+
+
+def test_supervised_field_loss_is_the_end_point_error():
+    from training.train import supervised_field_loss
+
+    truth = torch.zeros(1, 3, 4, 5, 6)
+    field = truth.clone()
+    field[:, 0] = 3.0
+    field[:, 1] = 4.0
+    assert float(supervised_field_loss(field, truth)) == pytest.approx(5.0, rel=1e-5)
+    assert float(supervised_field_loss(truth, truth)) < 1e-2
+
+
+def test_unknown_guidance_is_a_user_error():
+    from DeepRegistrationLib.methods import get_method
+    from training.train import make_loss_fn
+
+    with pytest.raises(UserInputError, match="unknown guidance"):
+        make_loss_fn(get_method("vm-diff"), {"labels": 1.0})
+
+
+@pytest.mark.parametrize("method, config", [
+    ("vm-diff", TINY),
+    ("vtn", {"variant": "AD", "features": 4}),
+    ("vtn", {"variant": "AD", "features": 4, "invertibility": True}),
+    ("r2net-svf", {"encoder": [4, 8, 8, 8], "features": 4}),
+    ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 1}),
+    ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 2}),
+])
+def test_clean_similarity_scores_the_clean_pair_but_the_network_sees_the_degraded_one(
+        method, config):
+    from DeepRegistrationLib.methods import get_method
+    from training.train import make_loss_fn
+
+    spec = get_method(method)
+    config = {k: v for k, v in dict(spec.config, **config).items() if k in spec.config}
+    torch.manual_seed(0)
+    network = spec.build_network(config).eval()
+    batch = _tiny_batch()
+    batch.update(spec=spec, config=config)
+    fixed, moving = batch["fixed"], batch["moving"]
+    assert not torch.equal(batch["fixed_clean"], fixed)  # the generator degraded them
+    loss_fn = make_loss_fn(spec, {"supervised": 1e-9})  # a guidance term reports the field
+
+    def run(**changes):
+        outputs = {}
+        total, _ = loss_fn(network, fixed, moving, dict(batch, **changes, outputs=outputs))
+        return float(total.detach())
+
+    degraded = run(clean=False)
+    # "clean" images equal to the seen ones: exactly the usual loss
+    assert run(clean=True, fixed_clean=fixed, moving_clean=moving) == pytest.approx(degraded,
+                                                                                   rel=1e-6)
+    # the real clean pair: another loss value, from the same field
+    clean = run(clean=True)
+    assert abs(clean - degraded) > 1e-4 * abs(degraded)
+    fields = []
+    for changes in ({"clean": True}, {"clean": True, "fixed_clean": batch["fixed_clean"] * 0.5}):
+        captured = {}
+        spec_loss = make_loss_fn(spec, {"supervised": 1.0})
+        _, terms = spec_loss(network, fixed, moving, dict(batch, **changes, outputs=captured))
+        fields.append(terms["guidance_supervised"])
+    assert fields[0] == pytest.approx(fields[1], rel=1e-6)
+
+
+def test_methods_whose_loss_takes_no_recipe_terms_are_refused_up_front():
+    from DeepRegistrationLib.methods import get_method
+    from training.train import check_recipe_losses
+
+    for name in ("mmln", "multiprop", "suits"):
+        spec = get_method(name)
+        check_recipe_losses(spec, {}, False)  # the method's own loss alone: fine
+        with pytest.raises(UserInputError, match="--guidance"):
+            check_recipe_losses(spec, {"supervised": 0.5}, False)
+        with pytest.raises(UserInputError, match="--clean-similarity no"):
+            check_recipe_losses(spec, {}, True)
+    for name in ("vm-diff", "vtn", "r2net-svf", "r2net-nsvf", "ms-r2net"):
+        check_recipe_losses(get_method(name), {"supervised": 0.5, "dice": 1.0}, True)

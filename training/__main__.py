@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--synth", default="{}",
                        help="JSON overrides of training.synth.SynthConfig, e.g. "
                             "'{\"contrast_probability\": 0.5}'")
+    train.add_argument("--guidance", default=None,
+                       help="JSON weights of terms added to the method's loss on its final field "
+                            "(dice: labels, supervised: ground-truth end-point error); default: "
+                            "the recipe's, e.g. '{\"supervised\": 0.1}'; '{}' switches them off")
+    train.add_argument("--clean-similarity", choices=("yes", "no"), default=None,
+                       help="score the similarity on each pair before its acquisition effects "
+                            "(default: the recipe's)")
     train.add_argument("--overfit", type=int, default=0, metavar="N",
                        help="cycle over the first N training pairs (checks that it can learn)")
     train.add_argument("--coarse-spacing", type=float, metavar="MM",
@@ -148,7 +155,10 @@ def command_train(args) -> None:
         synth=_json_option(args.synth, "--synth"), threads=args.threads, overfit=args.overfit,
         coarse_spacing_mm=args.coarse_spacing, coarse_fraction=args.coarse_fraction,
         coarse_batch_size=args.coarse_batch_size, progress=not args.quiet,
-        recipe=args.recipe, unseen_sources=unseen))
+        recipe=args.recipe, unseen_sources=unseen,
+        guidance=None if args.guidance is None else _json_option(args.guidance, "--guidance"),
+        clean_similarity=None if args.clean_similarity is None
+        else args.clean_similarity == "yes"))
     metrics = card["validation"]["metrics"]
     print(f"{args.method}: best step {card['validation']['step']}, validation Dice "
           f"{card['validation']['identity']['dice']:.3f} -> {metrics['dice']:.3f}, folding "

@@ -41,6 +41,11 @@ class Recipe:
     crop: Optional[Tuple[int, int, int]]      # the last stage trains on windows of this shape
     stages: List[Dict] = field(default_factory=list)  # coarse stages before it
     batch_size: int = 2                       # last stage's batch for a batch-4 method
+    # terms added to every method's own loss on its final field (training.train.GUIDANCE)
+    guidance: Dict[str, float] = field(default_factory=dict)
+    # the methods' similarity scores each pair before its per-image acquisition effects, while
+    # the network sees the degraded images (DeepRegistrationLib.methods.base.scored_pair)
+    clean_similarity: bool = False
 
     def for_method(self, reference_batch: int) -> Dict:
         """Stage batch sizes scaled by the method's own default batch (4 = as written): VTN trains
@@ -55,7 +60,8 @@ class Recipe:
                 "synth": {k: (list(v) if isinstance(v, tuple) else v)
                           for k, v in self.synth.items()},
                 "spacing_mm": self.spacing_mm, "crop": list(self.crop) if self.crop else None,
-                "stages": self.stages, "batch_size": self.batch_size}
+                "stages": self.stages, "batch_size": self.batch_size,
+                "guidance": dict(self.guidance), "clean_similarity": self.clean_similarity}
 
 
 GENERAL = Recipe(
@@ -81,9 +87,11 @@ GENERAL = Recipe(
     },
     spacing_mm=2.0,
     crop=(64, 80, 64),
-    stages=[{"spacing_mm": 8.0, "fraction": 0.3, "batch_size": 8},
+    stages=[{"spacing_mm": 8.0, "fraction": 0.5, "batch_size": 8},
             {"spacing_mm": 4.0, "fraction": 0.3, "batch_size": 4, "crop": (48, 48, 48)}],
     batch_size=2,
+    guidance={"supervised": 0.5},
+    clean_similarity=True,
 )
 
 RECIPES = {"general": GENERAL}

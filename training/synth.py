@@ -506,7 +506,8 @@ class PairGenerator:
     def batch(self, indices: Sequence[int], stream: int = TRAIN) -> Dict:
         """Stack the pairs ``indices`` into ``(B, C, D, H, W)`` tensors (needs a common canvas)."""
         pairs = [self.pair(i, stream) for i in indices]
-        keys = ("fixed", "moving", "fixed_labels", "moving_labels", "displacement", "generating")
+        keys = ("fixed", "moving", "fixed_labels", "moving_labels", "displacement", "generating",
+                "fixed_clean", "moving_clean")
         out = {key: torch.cat([getattr(p, key) for p in pairs], dim=0) for key in keys}
         out["source"] = [p.source for p in pairs]
         out["multimodal"] = [p.multimodal for p in pairs]

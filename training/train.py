@@ -92,7 +92,7 @@ from DeepRegistrationLib import __version__, losses
 from DeepRegistrationLib.errors import UserInputError
 from DeepRegistrationLib.methods import get_method, save_checkpoint
 from DeepRegistrationLib.methods.base import (MethodSpec, read_checkpoint, read_model_card,
-                                          sha256_of)
+                                          scored_pair, sha256_of)
 from DeepRegistrationLib.metrics import (dice, folding_percent, jacobian_determinant_map, ncc,
                                          sdlogj)
 from DeepRegistrationLib.spatial import warp
@@ -154,16 +154,51 @@ def loss_terms(training: Dict) -> List[Tuple[str, float, Callable]]:
     return terms
 
 
-def make_loss_fn(spec: MethodSpec) -> LossFunction:
-    """The method's ``loss_fn`` hook, or the weighted sum of the schema's terms."""
-    if callable(spec.training.get("loss_fn")):
-        return spec.training["loss_fn"]
-    terms = loss_terms(spec.training)
+def supervised_field_loss(displacement: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean end-point error (voxels) of the field against the synthetic pair's ground truth."""
+    return ((displacement - truth).pow(2).sum(1) + 1e-6).sqrt().mean()
+
+
+GUIDANCE = {
+    "dice": lambda u, b: soft_dice_loss(b["fixed_labels"], b["moving_labels"], u),
+    "supervised": lambda u, b: supervised_field_loss(u, b["displacement"]),
+}
+
+
+def make_loss_fn(spec: MethodSpec, guidance: Optional[Dict[str, float]] = None) -> LossFunction:
+    """The method's ``loss_fn`` hook, or the weighted sum of the schema's terms; plus the
+    recipe's ``guidance`` terms on the final field (label Dice, ground-truth end-point error)."""
+    guidance = {k: float(w) for k, w in (guidance or {}).items()}
+    # "method": the weight of the method's own (the paper's) loss, 1 unless the recipe says
+    own_weight = guidance.pop("method", 1.0)
+    guidance = {k: w for k, w in guidance.items() if w}
+    unknown = set(guidance) - set(GUIDANCE)
+    if unknown:
+        raise UserInputError(f"unknown guidance term(s) {sorted(unknown)}; known: "
+                             f"method, {', '.join(GUIDANCE)}")
+    own = spec.training.get("loss_fn") if callable(spec.training.get("loss_fn")) else None
+    if own is not None and not guidance and own_weight == 1.0:
+        return own
+    terms = [] if own is not None else [(name, weight * own_weight, function) for
+                                        name, weight, function in loss_terms(spec.training)]
+    terms = terms + [(f"guidance_{name}", weight, GUIDANCE[name])
+                     for name, weight in guidance.items()]
 
     def loss_fn(network, fixed, moving, batch):
-        displacement = network(fixed, moving)
         context = dict(batch, fixed=fixed, moving=moving)
+        if batch.get("clean") and own is None:  # the schema's terms score the clean pair
+            context["fixed"], context["moving"] = scored_pair(fixed, moving, batch)
         total, logged = 0.0, {}
+        if own is not None:  # the method reports its final field in ``outputs``
+            outputs = {}
+            total, logged = own(network, fixed, moving, dict(batch, outputs=outputs))
+            total, logged = total * own_weight, dict(logged)
+            if "displacement" not in outputs:
+                raise ValueError(f"{spec.name}'s loss_fn does not report its final field "
+                                 "(batch['outputs']['displacement']): no guidance possible")
+            displacement = outputs["displacement"]
+        else:
+            displacement = network(fixed, moving)
         for name, weight, function in terms:
             value = function(displacement, context)
             logged[name] = float(value.detach())
@@ -172,12 +207,25 @@ def make_loss_fn(spec: MethodSpec) -> LossFunction:
     return loss_fn
 
 
+def check_recipe_losses(spec: MethodSpec, guidance: Dict, clean_similarity: bool) -> None:
+    """A method with its own ``loss_fn`` takes the recipe's guidance terms and clean similarity
+    only if it says so (``training["recipe_losses"]``: its loss reports the final field with
+    ``base.report_field`` and scores ``base.scored_pair``); the others are refused up front."""
+    asks = bool({k: w for k, w in guidance.items() if k != "method" and w}) or clean_similarity \
+        or float(guidance.get("method", 1.0)) != 1.0
+    if asks and callable(spec.training.get("loss_fn")) and not spec.training.get("recipe_losses"):
+        raise UserInputError(
+            f"{spec.name}'s training loss does not take the recipe's guidance terms or clean "
+            "similarity yet; train it with --guidance '{}' --clean-similarity no")
+
+
 def describe_losses(spec: MethodSpec) -> Dict:
     if callable(spec.training.get("loss_fn")):
         fn = spec.training["loss_fn"]
         return {"loss_fn": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"}
     return {key: (list(value) if isinstance(value, tuple) else value)
-            for key, value in spec.training.items() if key not in ("lr", "batch_size")}
+            for key, value in spec.training.items()
+            if key not in ("lr", "batch_size", "recipe_losses")}
 
 
 # --------------------------------------------------------------------------------- validation
@@ -251,6 +299,8 @@ class TrainOptions:
     log_every: int = 10
     recipe: Optional[str] = None     # training.recipes: sources, synthetic data, stages, grid
     unseen_sources: Sequence[str] = ()  # validated (logged, in the card), never trained on
+    guidance: Optional[Dict] = None  # None: the recipe's; else terms on the final field
+    clean_similarity: Optional[bool] = None  # None: the recipe's (methods.base.scored_pair)
 
 
 class ProgressBar:
@@ -438,7 +488,13 @@ def train(options: TrainOptions) -> Dict:
     unseen_generator = PairGenerator(unseen, synth, seed=options.seed) if unseen else None
     unseen_validation = unseen_generator.validation_pairs(options.val_cases) if unseen else []
     unseen_baseline = identity_metrics(unseen_validation, spacing) if unseen else None
-    loss_fn = make_loss_fn(spec)
+    guidance = dict(recipe.guidance if recipe else {}) if options.guidance is None \
+        else dict(options.guidance)
+    # the similarity scores the pair before its acquisition effects (base.scored_pair)
+    clean_similarity = bool(recipe.clean_similarity if recipe else False) \
+        if options.clean_similarity is None else bool(options.clean_similarity)
+    check_recipe_losses(spec, guidance, clean_similarity)
+    loss_fn = make_loss_fn(spec, guidance)
     parameters = sum(p.numel() for p in network.parameters())
     log(f"train {spec.name}: {parameters} parameters, config {json.dumps(config)}, sources "
         f"{generator.names}, canvas {generator.canvas} at {spacing} mm, batch {batch_size}, "
@@ -476,7 +532,8 @@ def train(options: TrainOptions) -> Dict:
                          "warm_start": warm_start,
                          "recipe": recipe.describe() if recipe else None,
                          "overfit_items": options.overfit or None,
-                         "losses": describe_losses(spec),
+                         "losses": describe_losses(spec), "guidance": guidance,
+                         "clean_similarity": clean_similarity,
                          "wall_time_seconds": round(elapsed, 1),
                          "seconds_per_step": round(elapsed / max(at_step, 1), 4),
                          "device": "cpu", "threads": torch.get_num_threads(),
@@ -533,7 +590,7 @@ def train(options: TrainOptions) -> Dict:
                 break
         return dict(source.batch_number(index, size, options.overfit or None),
                     spacing_mm=source.config.spacing_mm,  # the stage's grid, for the loss_fn
-                    generator=source)
+                    generator=source, clean=clean_similarity)
     losses_seen: List[float] = []
     running: Dict[str, float] = {}
     tic = time.perf_counter()

@@ -47,7 +47,7 @@ import torch.nn as nn
 from ..errors import UserInputError
 from ..spatial import resize_displacement, resize_image
 from .base import (MethodSpec, forward_padded, register_method, run_network,
-                   same_contrast)
+                   report_field, same_contrast, scored_pair)
 from .r2net import (BLOCKS, FOLDING_WEIGHT, PAPER, SMOOTHNESS_WEIGHT, STEP_SCALE, TRAINING_SYNTH,
                     LCResNet, R2Net, conv3d_cpu, network_loss)
 
@@ -217,25 +217,36 @@ def branches_from_r2net(network: MSR2Net, r2net_state: Dict[str, torch.Tensor]) 
 
 
 # -------------------------------------------------------------------------------------- training
-def phase_one_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
-                   ) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Each branch trained as an R2Net at its own resolution; the two losses added."""
-    fixed_chunks = torch.cat(split_chunks(fixed, network.chunks, network.overlap))
-    moving_chunks = torch.cat(split_chunks(moving, network.chunks, network.overlap))
-    local = forward_padded(network.chunk_branch, fixed_chunks, moving_chunks,
+def phase_one_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
+                   scored: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Each branch trained as an R2Net at its own resolution; the two losses added. ``scored``:
+    the images the similarity scores (``base.scored_pair``), when not the ones seen. The field
+    reported to the trainer's guidance terms is the global branch's, on the pair's grid (the
+    chunks have no whole-volume field before phase two fuses them)."""
+    scored_fixed, scored_moving = scored or (fixed, moving)
+
+    def chunks(image):
+        return torch.cat(split_chunks(image, network.chunks, network.overlap))
+
+    local = forward_padded(network.chunk_branch, chunks(fixed), chunks(moving),
                            network.branch_multiple)
-    chunk_loss, chunk_terms = network_loss(network, local, fixed_chunks, moving_chunks)
+    chunk_loss, chunk_terms = network_loss(network, local, chunks(scored_fixed),
+                                           chunks(scored_moving))
     small = half_shape(fixed.shape[2:])
-    fixed_small, moving_small = resize_image(fixed, small), resize_image(moving, small)
-    coarse = forward_padded(network.global_branch, fixed_small, moving_small,
-                            network.branch_multiple)
-    global_loss, global_terms = network_loss(network, coarse, fixed_small, moving_small)
+    coarse = forward_padded(network.global_branch, resize_image(fixed, small),
+                            resize_image(moving, small), network.branch_multiple)
+    global_loss, global_terms = network_loss(network, coarse, resize_image(scored_fixed, small),
+                                             resize_image(scored_moving, small))
+    report_field(batch, resize_displacement(coarse, tuple(fixed.shape[2:])))
     terms = {f"chunk_{k}": v for k, v in chunk_terms.items()}
     terms.update({f"global_{k}": v for k, v in global_terms.items()})
     return chunk_loss + global_loss, terms
 
 
-def phase_two_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
+def phase_two_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
+                   batch: Optional[Dict] = None,
+                   scored: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                    ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Branches frozen; the fusing convolution and the integration blocks trained on the pair."""
     network.chunk_branch.requires_grad_(False)
@@ -243,17 +254,18 @@ def phase_two_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor
     with torch.no_grad():
         local = network.chunk_fields(network.chunk_branch.velocity, fixed, moving)
         coarse = network.global_field(network.global_branch.velocity, fixed, moving)
-    displacement = network.integrate(network.fuse_velocities(local, coarse))
-    return network_loss(network, displacement, fixed, moving)
+    displacement = report_field(batch, network.integrate(network.fuse_velocities(local, coarse)))
+    return network_loss(network, displacement, *(scored or (fixed, moving)))
 
 
 def training_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook: the loss of ``network.phase`` (``config["phase"]``)."""
+    scored = scored_pair(fixed, moving, batch)
     moving = same_contrast(fixed, moving, batch)
     if network.phase == 1:
-        return phase_one_loss(network, fixed, moving)
-    return phase_two_loss(network, fixed, moving)
+        return phase_one_loss(network, fixed, moving, scored, batch)
+    return phase_two_loss(network, fixed, moving, batch, scored)
 
 
 SPEC = register_method(MethodSpec(
@@ -269,7 +281,8 @@ SPEC = register_method(MethodSpec(
     working_spacing_mm=2.0,
     size_multiple=2,   # the branches pad their own inputs to the U-Net's multiple
     similarities=("lncc", "mind", "ncc", "mse", "ngf"),
-    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 1, "synth": TRAINING_SYNTH,
+    training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 1,
+              "synth": TRAINING_SYNTH,
               "curriculum": {"spacing_mm": 4.0, "fraction": 0.6, "batch_size": 4}},
     estimated_seconds={"2mm": 4.0, "1mm": 6.0},
 ))

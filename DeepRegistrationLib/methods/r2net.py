@@ -86,7 +86,8 @@ from torch.nn.utils import parametrize
 from ..errors import UserInputError
 from ..losses import diffusion_loss, negative_jacobian_loss, similarity_loss
 from ..spatial import warp
-from .base import MethodSpec, register_method, run_network, same_contrast
+from .base import (MethodSpec, register_method, report_field, run_network, same_contrast,
+                   scored_pair)
 from .blocks import UNet, flow_head
 
 # The public code's folding weight is 0.001 on a *sum* over the voxels of its 160x160x128 volumes;
@@ -337,8 +338,8 @@ def training_loss(network: R2Net, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook (training/train.py): similarity (LNCC; the paper's MSE, or
     NGF, via the config) plus the folding loss (plus the diffusion term, if weighted)."""
-    moving = same_contrast(fixed, moving, batch)
-    return network_loss(network, network(fixed, moving), fixed, moving)
+    displacement = report_field(batch, network(fixed, same_contrast(fixed, moving, batch)))
+    return network_loss(network, displacement, *scored_pair(fixed, moving, batch))
 
 
 # -------------------------------------------------------------------------------------- methods
@@ -359,7 +360,8 @@ SVF_SPEC = register_method(MethodSpec(
     working_spacing_mm=4.0,
     size_multiple=16,
     similarities=("lncc", "mind", "ncc", "mse", "ngf"),
-    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 4, "synth": TRAINING_SYNTH},
+    training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 4,
+              "synth": TRAINING_SYNTH},
     estimated_seconds={"2mm": 1.5, "1mm": 4.0},
 ))
 
@@ -377,6 +379,7 @@ NSVF_SPEC = register_method(MethodSpec(
     working_spacing_mm=4.0,
     size_multiple=16,
     similarities=("lncc", "mind", "ncc", "mse", "ngf"),
-    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 4, "synth": TRAINING_SYNTH},
+    training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 4,
+              "synth": TRAINING_SYNTH},
     estimated_seconds={"2mm": 1.5, "1mm": 4.0},
 ))

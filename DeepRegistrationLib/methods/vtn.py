@@ -75,7 +75,8 @@ from ..losses import (affine_determinant_loss, affine_orthogonality_loss,
                       total_variation_loss)
 from ..spatial import affine_displacement, compose, warp
 from .base import (MethodSpec, RegistrationInputs, checkpoint_folders, find_checkpoint,
-                   load_network, register_method, run_network, same_contrast)
+                   load_network, register_method, report_field, run_network,
+                   same_contrast, scored_pair)
 from .blocks import ConvBlock, UpBlock
 
 VARIANTS = ("ADDD", "ADD", "AD", "DDD", "DD", "D")
@@ -308,6 +309,13 @@ def cascade_loss(variant: str, fixed: torch.Tensor, stages: Sequence[Dict[str, t
     return total, terms
 
 
+def rescored(stages: List[Dict[str, torch.Tensor]],
+             scored_moving: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    """Each stage's ``warped`` image recomputed from ``scored_moving`` (the image the loss scores,
+    :func:`scored_pair`, when it is not the image the network saw)."""
+    return [dict(stage, warped=warp(scored_moving, stage["displacement"])) for stage in stages]
+
+
 def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook: Table I losses, plus the invertibility loss ("+inv").
@@ -318,16 +326,24 @@ def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
     and, by default, its weight ``w = 1e-3`` (config ``invertibility_weight``). Second-contrast synthetic pairs are replaced by
     same-contrast ones (:func:`same_contrast`).
     """
+    scored_fixed, scored_moving = scored_pair(fixed, moving, batch)
     moving = same_contrast(fixed, moving, batch)
     if not network.invertibility:
-        return cascade_loss(network.variant, fixed, network.stages(fixed, moving),
-                            network.similarity)
+        stages = network.stages(fixed, moving)
+        if scored_moving is not moving:
+            stages = rescored(stages, scored_moving)
+        report_field(batch, stages[-1]["displacement"])
+        return cascade_loss(network.variant, scored_fixed, stages, network.similarity)
     count = fixed.shape[0]
     both_fixed = torch.cat([fixed, moving], dim=0)
     both_moving = torch.cat([moving, fixed], dim=0)
     stages = network.stages(both_fixed, both_moving)
-    total, terms = cascade_loss(network.variant, both_fixed, stages, network.similarity)
+    if scored_moving is not moving:
+        stages = rescored(stages, torch.cat([scored_moving, scored_fixed], dim=0))
+    total, terms = cascade_loss(network.variant, torch.cat([scored_fixed, scored_moving], dim=0),
+                                stages, network.similarity)
     final = stages[-1]["displacement"]
+    report_field(batch, final[:count])
     inverse = invertibility_loss(final[:count], final[count:])
     terms["invertibility"] = float(inverse.detach())
     return total + network.invertibility_weight * inverse, terms
@@ -389,7 +405,7 @@ SPEC = register_method(MethodSpec(
     size_multiple=16,
     similarities=("lncc", "mind", "ncc", "mse"),
     # with "+inv" every pair is registered both ways: half the batch of the one-way methods
-    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 2,
+    training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 2,
               "curriculum": {"spacing_mm": 8.0, "fraction": 0.6, "batch_size": 4}},
     estimated_seconds={"2mm": 1.5, "1mm": 4.0},
     variants=VARIANTS,
