@@ -229,8 +229,8 @@ def test_guidance_terms_act_on_the_final_field_of_every_method(method, config):
     with torch.no_grad():
         field = network(fixed, moving)
     # the terms are the ones of the network's own field, and they add to the method's loss
-    assert terms["guidance_supervised"] == pytest.approx(
-        float(supervised_field_loss(field, batch["displacement"])), rel=1e-4)
+    assert terms["guidance_supervised"] == pytest.approx(float(supervised_field_loss(
+        field, batch["displacement"], batch["fixed_labels"] > 0)), rel=1e-4)
     assert terms["guidance_dice"] == pytest.approx(
         float(soft_dice_loss(batch["fixed_labels"], batch["moving_labels"], field)), rel=1e-4)
     assert float(guided.detach()) == pytest.approx(
@@ -253,6 +253,11 @@ def test_supervised_field_loss_is_the_end_point_error():
     field[:, 1] = 4.0
     assert float(supervised_field_loss(field, truth)) == pytest.approx(5.0, rel=1e-5)
     assert float(supervised_field_loss(truth, truth)) < 1e-2
+    # over a mask: the error where the anatomy is, whatever the field does elsewhere
+    mask = torch.zeros(1, 1, 4, 5, 6, dtype=torch.bool)
+    mask[..., :2, :, :] = True
+    field[:, :, 2:] = 100.0
+    assert float(supervised_field_loss(field, truth, mask)) == pytest.approx(5.0, rel=1e-5)
 
 
 def test_unknown_guidance_is_a_user_error():

@@ -154,14 +154,22 @@ def loss_terms(training: Dict) -> List[Tuple[str, float, Callable]]:
     return terms
 
 
-def supervised_field_loss(displacement: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Mean end-point error (voxels) of the field against the synthetic pair's ground truth."""
-    return ((displacement - truth).pow(2).sum(1) + 1e-6).sqrt().mean()
+def supervised_field_loss(displacement: torch.Tensor, truth: torch.Tensor,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean end-point error (voxels) of the field against the synthetic pair's ground truth,
+    over ``mask`` (``(B, 1, D, H, W)``) when given: outside the anatomy the true field (mostly
+    the residual affine, largest at the window's corners) cannot be seen in the images."""
+    error = ((displacement - truth).pow(2).sum(1, keepdim=True) + 1e-6).sqrt()
+    if mask is None:
+        return error.mean()
+    weights = mask.to(error.dtype)
+    return (error * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 GUIDANCE = {
     "dice": lambda u, b: soft_dice_loss(b["fixed_labels"], b["moving_labels"], u),
-    "supervised": lambda u, b: supervised_field_loss(u, b["displacement"]),
+    "supervised": lambda u, b: supervised_field_loss(u, b["displacement"],
+                                                     b["fixed_labels"] > 0),
 }
 
 
