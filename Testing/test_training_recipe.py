@@ -275,6 +275,7 @@ def test_unknown_guidance_is_a_user_error():
     ("r2net-svf", {"encoder": [4, 8, 8, 8], "features": 4}),
     ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 1}),
     ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 2}),
+    ("mmln", {"width": 4, "residual_blocks": 1}),
 ])
 def test_clean_similarity_scores_the_clean_pair_but_the_network_sees_the_degraded_one(
         method, config):
@@ -316,12 +317,42 @@ def test_methods_whose_loss_takes_no_recipe_terms_are_refused_up_front():
     from DeepRegistrationLib.methods import get_method
     from training.train import check_recipe_losses
 
-    for name in ("mmln", "multiprop", "suits"):
+    for name in ("multiprop", "suits"):
         spec = get_method(name)
         check_recipe_losses(spec, {}, False)  # the method's own loss alone: fine
         with pytest.raises(UserInputError, match="--guidance"):
             check_recipe_losses(spec, {"supervised": 0.5}, False)
         with pytest.raises(UserInputError, match="--clean-similarity no"):
             check_recipe_losses(spec, {}, True)
-    for name in ("vm-diff", "vtn", "r2net-svf", "r2net-nsvf", "ms-r2net"):
+    for name in ("vm-diff", "vtn", "r2net-svf", "r2net-nsvf", "ms-r2net", "mmln"):
         check_recipe_losses(get_method(name), {"supervised": 0.5, "dice": 1.0}, True)
+
+
+def test_mmln_reports_the_trained_level_field_and_at_validation_the_pyramid_field():
+    from DeepRegistrationLib.methods import get_method
+    from training.train import make_loss_fn, supervised_field_loss
+
+    spec = get_method("mmln")
+    config = dict(spec.config, width=4, residual_blocks=1)
+    torch.manual_seed(0)
+    network = spec.build_network(config).eval()
+    batch = _tiny_batch()
+    batch.update(spec=spec, config=config)
+    loss_fn = make_loss_fn(spec, {"supervised": 1.0})
+    fixed, moving = batch["fixed"], batch["moving"]
+    # validation: the full pyramid, i.e. the field the user gets
+    _, terms = loss_fn(network, fixed, moving, dict(batch, training=False))
+    with torch.no_grad():
+        field = network(fixed, moving)
+    assert terms["guidance_supervised"] == pytest.approx(float(supervised_field_loss(
+        field, batch["displacement"], batch["fixed_labels"] > 0)), rel=1e-4)
+    # training step 0: level 1 alone, its field brought to the pair's grid; the gradient of the
+    # guidance term reaches level 1 (and no level above it)
+    network.zero_grad()
+    total, terms = loss_fn(network, fixed, moving, dict(batch, training=True, step=0,
+                                                        iterations=100))
+    assert terms["level"] == 1.0 and np.isfinite(terms["guidance_supervised"])
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in network.levels[0].parameters())
+    assert all(p.grad is None for p in network.levels[2].parameters())

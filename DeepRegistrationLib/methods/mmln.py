@@ -63,7 +63,8 @@ from ..errors import UserInputError
 from ..losses import correlation_coefficient_loss, total_variation_loss
 from ..spatial import integrate_velocity, resize_displacement, resize_image, warp
 from .base import (MethodSpec, RegistrationInputs, checkpoint_folders, find_checkpoint,
-                   load_network, register_method, run_network, same_contrast)
+                   load_network, register_method, report_field, run_network, same_contrast,
+                   scored_pair)
 from .blocks import NEGATIVE_SLOPE, variance_preserving_
 
 PAPER = ("Zheng, Cao, Duan, Cao, Lian, Multi-strategy mutual learning network for deformable "
@@ -382,8 +383,9 @@ def training_phase(step: int, iterations: int, phases: Sequence[float],
 
 
 def level_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
-               level: int = LEVELS, input_level: int = LEVELS
-               ) -> Tuple[torch.Tensor, Dict[str, float]]:
+               level: int = LEVELS, input_level: int = LEVELS,
+               scored: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The loss of pyramid level ``level`` with the branch terms the variant has, for a pair on
     the grid of level ``input_level`` (the working grid by default; resampled to level
     ``level``'s grid when finer -- LapIRN's level models see the full-resolution pair
@@ -393,14 +395,26 @@ def level_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     difference summed over the axes, ``losses.total_variation_loss``), ``+ alpha`` (level 1) or
     ``beta`` (level 2) ``* (1 - CorrCoef(F_p, M_p o phi'_p))`` of the 2-D branch, ``+ theta``
     (level 3) ``* (1 - CorrCoef(F_core, M o phi_core))`` of the core branch.
+
+    ``scored``: the pair every similarity scores (``base.scored_pair``) when it is not the pair
+    the network sees, on the same grid. ``batch``: the level's field, on the pair's grid, is
+    reported to the trainer (``base.report_field``).
     """
     if not 1 <= level <= input_level <= LEVELS:
         raise ValueError(f"level {level} cannot be trained on the grid of level {input_level}")
+    input_shape = tuple(fixed.shape[2:])
+    scored_fixed, scored_moving = scored or (fixed, moving)
     if input_level > level:
         fixed, moving = halve(fixed, input_level - level), halve(moving, input_level - level)
+        if scored is not None:
+            scored_fixed = halve(scored_fixed, input_level - level)
+            scored_moving = halve(scored_moving, input_level - level)
+        else:
+            scored_fixed, scored_moving = fixed, moving
     entry = network.pyramid(fixed, moving, level)[-1]
-    similarity = correlation_coefficient_loss(entry["fixed"],
-                                              warp(entry["moving"], entry["displacement"]))
+    report_field(batch, resize_displacement(entry["displacement"], input_shape))
+    similarity = correlation_coefficient_loss(scored_fixed,
+                                              warp(scored_moving, entry["displacement"]))
     smoothness = total_variation_loss(entry["velocity"])
     weight = network.smoothness / 2 ** (LEVELS - level)
     total = similarity + weight * smoothness
@@ -409,11 +423,16 @@ def level_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     branch_weight = {1: network.alpha, 2: network.beta}.get(level, 0.0)
     if network.slice_levels is not None and level < LEVELS and branch_weight:
         refined = network.slice_refinement(level, entry)
-        slices = correlation_coefficient_loss(entry["fixed"], refined["warped"])
+        slices = correlation_coefficient_loss(
+            scored_fixed, refined["warped"] if scored is None
+            else warp(scored_moving, refined["displacement"]))
         total = total + branch_weight * slices
         terms[f"level{level}_slices_similarity"] = float(slices.detach())
     if "C" in network.variant and level == LEVELS and network.theta:
         core = network.core_registration(moving, entry)
+        if scored is not None:  # the full scored moving image at the core's coordinates
+            core = dict(core, fixed=crop(scored_fixed, core["region"]),
+                        warped=warp_core(scored_moving, core["displacement"], core["region"]))
         core_similarity = correlation_coefficient_loss(core["fixed"], core["warped"])
         total = total + network.theta * core_similarity
         terms["core_similarity"] = float(core_similarity.detach())
@@ -450,9 +469,10 @@ def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     same-contrast similarity.
     """
     batch = batch or {}
+    scored = scored_pair(fixed, moving, batch) if batch.get("clean") else None
     moving = same_contrast(fixed, moving, batch)
     if not batch.get("training", False) or batch.get("iterations", 0) < 1:
-        return level_loss(network, fixed, moving, LEVELS)
+        return level_loss(network, fixed, moving, LEVELS, scored=scored, batch=batch)
     step, iterations = int(batch["step"]), int(batch["iterations"])
     working = batch.get("working_spacing_mm") or getattr(batch.get("spec"),
                                                          "working_spacing_mm", None)
@@ -472,7 +492,7 @@ def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
                                        max(coarse_levels, default=0) + 1)
     for index, module in enumerate(network.levels):
         module.requires_grad_(index + 1 == level or (index + 1 < level and not frozen))
-    total, terms = level_loss(network, fixed, moving, level, input_level)
+    total, terms = level_loss(network, fixed, moving, level, input_level, scored, batch)
     terms.update(level=float(level), frozen=float(frozen))
     return total, terms
 
@@ -529,7 +549,8 @@ SPEC = register_method(MethodSpec(
     similarities=("lncc", "mind", "ncc", "mse"),
     # the pyramid's phases are the curriculum: no coarse first stage on another grid (it would
     # train level 1 on 16 mm voxels and deploy it on 8 mm ones)
-    training={"loss_fn": training_loss, "lr": 1e-3, "batch_size": 1, "curriculum": None},
+    training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 1,
+              "curriculum": None},
     # the network's CPU seconds on a 2 mm MNI152 pair (docs/methods/mmln/speed_width12.json):
     # its wall time on an idle 2-core machine is not longer; other grids not measured yet
     estimated_seconds={"2mm": 2.5},
