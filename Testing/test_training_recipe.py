@@ -211,6 +211,7 @@ def _tiny_batch():
     ("vtn", {"variant": "AD", "features": 4, "invertibility": True}),
     ("r2net-svf", {"encoder": [4, 8, 8, 8], "features": 4}),
     ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 2}),
+    ("multiprop", {}),
 ])
 def test_guidance_terms_act_on_the_final_field_of_every_method(method, config):
     from DeepRegistrationLib.methods import get_method
@@ -276,6 +277,7 @@ def test_unknown_guidance_is_a_user_error():
     ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 1}),
     ("ms-r2net", {"encoder": [4, 8, 8, 8], "features": 4, "phase": 2}),
     ("mmln", {"width": 4, "residual_blocks": 1}),
+    ("multiprop", {}),
 ])
 def test_clean_similarity_scores_the_clean_pair_but_the_network_sees_the_degraded_one(
         method, config):
@@ -317,14 +319,14 @@ def test_methods_whose_loss_takes_no_recipe_terms_are_refused_up_front():
     from DeepRegistrationLib.methods import get_method
     from training.train import check_recipe_losses
 
-    for name in ("multiprop", "suits"):
+    for name in ("suits",):
         spec = get_method(name)
         check_recipe_losses(spec, {}, False)  # the method's own loss alone: fine
         with pytest.raises(UserInputError, match="--guidance"):
             check_recipe_losses(spec, {"supervised": 0.5}, False)
         with pytest.raises(UserInputError, match="--clean-similarity no"):
             check_recipe_losses(spec, {}, True)
-    for name in ("vm-diff", "vtn", "r2net-svf", "r2net-nsvf", "ms-r2net", "mmln"):
+    for name in ("vm-diff", "vtn", "r2net-svf", "r2net-nsvf", "ms-r2net", "mmln", "multiprop"):
         check_recipe_losses(get_method(name), {"supervised": 0.5, "dice": 1.0}, True)
 
 

@@ -50,7 +50,7 @@ probabilistic (KL) features and its architecture search are not built.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,7 +59,8 @@ from ..errors import UserInputError
 from ..losses import diffusion_loss, local_ncc_loss, negative_jacobian_loss
 from ..spatial import (compose, integrate_velocity, resize_displacement, resize_image, warp)
 from .base import (MethodSpec, RegistrationInputs, checkpoint_folders, find_checkpoint,
-                   load_network, register_method, run_network, same_contrast)
+                   load_network, register_method, report_field, run_network, same_contrast,
+                   scored_pair)
 from .blocks import NEGATIVE_SLOPE, ConvBlock, variance_preserving_
 
 PAPER = ("Liu, Li, Fan, Zhao, Huang, Luo, Learning Deformable Image Registration from "
@@ -362,22 +363,27 @@ def window_voxels(window_mm: float, spacing_mm: float) -> int:
 
 
 def loss_terms(network: MultiProp, fixed: torch.Tensor, moving: torch.Tensor,
-               spacing_mm: float) -> Dict[str, torch.Tensor]:
+               spacing_mm: float, scored: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               batch: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
     """The unweighted terms of the lower-level loss, one per loss weight (:func:`weight_names`):
     ``similarity<k>`` = LNCC of stage k, ``regularisation`` = sum_k diffusion(v_k), ``folding`` =
-    sum_k fold(phi_k). ``spacing_mm``: the input grid's voxel size (for the windows)."""
+    sum_k fold(phi_k). ``spacing_mm``: the input grid's voxel size (for the windows).
+    ``scored``: the pair the similarities score (``base.scored_pair``) when it is not the pair the
+    network sees; ``batch``: the final field is reported to the trainer (``base.report_field``)."""
     entries = network.stages(fixed, moving)
+    scored_fixed, scored_moving = scored or (fixed, moving)
     terms: Dict[str, torch.Tensor] = {}
     regularisation, folding = 0.0, 0.0
     shape = tuple(fixed.shape[2:])
     for k, entry in enumerate(entries, start=1):
         displacement = entry["displacement"]
         if k == len(entries):  # the field the user gets, on the input grid
-            fixed_k, moving_k = fixed, moving
-            displacement = resize_displacement(displacement, shape)
+            fixed_k, moving_k = scored_fixed, scored_moving
+            displacement = report_field(batch, resize_displacement(displacement, shape))
         else:
             grid = tuple(displacement.shape[2:])
-            fixed_k, moving_k = resize_image(fixed, grid), resize_image(moving, grid)
+            fixed_k = resize_image(scored_fixed, grid)
+            moving_k = resize_image(scored_moving, grid)
         stage_spacing = spacing_mm * (shape[0] - 1) / max(fixed_k.shape[2] - 1, 1)
         window = window_voxels(network.window_mm, stage_spacing)
         terms[f"similarity{k}"] = local_ncc_loss(fixed_k, warp(moving_k, displacement), window)
@@ -403,7 +409,9 @@ def lower_terms(network: MultiProp, fixed: torch.Tensor, moving: torch.Tensor,
                 batch: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
     """:func:`loss_terms` of a trainer batch (LNCC is a same-contrast similarity: second-contrast
     synthetic pairs are trained in the fixed contrast, ``base.same_contrast``)."""
-    return loss_terms(network, fixed, same_contrast(fixed, moving, batch), batch_spacing(batch))
+    scored = scored_pair(fixed, moving, batch) if (batch or {}).get("clean") else None
+    return loss_terms(network, fixed, same_contrast(fixed, moving, batch), batch_spacing(batch),
+                      scored, batch)
 
 
 def training_loss(network: MultiProp, fixed: torch.Tensor, moving: torch.Tensor,
@@ -489,7 +497,8 @@ SPEC = register_method(MethodSpec(
     # before_step hook runs the upper level (variant bilevel) between gradient clipping and the
     # optimiser step; the card hook puts the weights and their trajectory in the model card.
     # LNCC is a same-contrast similarity: no second-contrast pairs, little noise (vm-diff's)
-    training={"loss_fn": training_loss, "before_step": bilevel_step, "card": model_card_entry,
+    training={"loss_fn": training_loss, "recipe_losses": True, "before_step": bilevel_step,
+              "card": model_card_entry,
               "lr": 1e-3, "batch_size": 2,
               "synth": {"contrast_probability": 0.0, "noise_max": 0.01}},
     estimated_seconds={"2mm": 2.0},
