@@ -133,3 +133,28 @@ def test_seen_and_unseen_follow_the_model_card():
     specs = ev.case_specs("unseen", ["mni152", "itk-t1"])
     assert {s.source for s in specs} == {"itk-t1"}
     assert any(s.deformation == "subject" and s.moving_source == "mni152" for s in specs)
+
+
+def test_tradeoff_averages_common_cases_and_suffixes_each_run(tmp_path):
+    from training import tradeoff
+
+    header = "case,method,kind,status,dice,seconds\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "results.csv").write_text(
+        header + "c1,identity,baseline,ok,0.5,0\nc2,identity,baseline,ok,0.7,0\n"
+        "c1,vtn,method,ok,0.6,2\nc2,vtn,method,ok,0.8,4\n"
+        "c1,ants,peer,ok,0.9,10\nc2,ants,peer,failed,,\n")
+    (tmp_path / "b" / "results.csv").write_text(
+        header + "c1,identity,baseline,ok,0.5,0\nc2,identity,baseline,ok,0.7,0\n"
+        "c1,vtn,method,ok,0.7,5\nc2,vtn,method,ok,0.9,7\n")
+    rows = tradeoff.read_runs([str(tmp_path / "a"), f"{tmp_path / 'b'}=+refine 60"])
+    cases, summary = tradeoff.summarise(rows)
+    assert cases == ["c1"]  # ANTs failed on c2: only c1 is common to every method
+    assert summary["vtn"]["dice"] == pytest.approx(0.6)
+    assert summary["vtn +refine 60"]["seconds"] == pytest.approx(5.0)
+    assert summary["identity"]["dice"] == pytest.approx(0.5)
+    assert tradeoff.main([str(tmp_path / "a"), f"{tmp_path / 'b'}=+refine 60",
+                          "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 1000
+    assert "vtn +refine 60" in (tmp_path / "out" / "tradeoff.md").read_text()

@@ -1,0 +1,117 @@
+"""Seconds against Dice: what each method and each ``--refine`` setting costs and gives, from the
+``results.csv`` of evaluation runs made on the same cases and the same machine state (timings
+from different runs are comparable only if the machine was equally loaded: run them back to
+back).
+
+    python -m training.tradeoff RUN_DIR[=SUFFIX] ... --output DIR
+
+``SUFFIX`` is appended to the method names of that run (e.g. ``docs/evaluation/x=+refine 60``).
+Only cases every plotted method finished are averaged; "identity" and "truth" are drawn as
+horizontal lines. Writes ``tradeoff.png`` and ``tradeoff.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from collections import defaultdict
+from typing import Dict, List, Tuple
+
+PEERS = {"ants": "ANTs SyN", "demons": "SimpleITK demons", "elastix": "elastix B-spline"}
+BASELINES = ("identity", "truth")
+
+
+def read_runs(specs: List[str]) -> List[Dict]:
+    rows = []
+    for spec in specs:
+        folder, _, suffix = spec.partition("=")
+        with open(os.path.join(folder, "results.csv"), newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["status"] != "ok" or row["dice"] in ("", "nan"):
+                    continue
+                name = row["method"]
+                if name not in BASELINES and suffix:
+                    name = f"{name} {suffix.strip()}"
+                rows.append({"case": row["case"], "method": name, "kind": row["kind"],
+                             "dice": float(row["dice"]), "seconds": float(row["seconds"]),
+                             "source": folder})
+    return rows
+
+
+def summarise(rows: List[Dict]) -> Tuple[List[str], Dict[str, Dict[str, float]]]:
+    """Per method: mean Dice and seconds over the cases every method finished."""
+    cases_of = defaultdict(set)
+    for row in rows:
+        cases_of[row["method"]].add(row["case"])
+    common = set.intersection(*cases_of.values()) if cases_of else set()
+    summary: Dict[str, Dict[str, float]] = {}
+    for method in cases_of:
+        picked = [r for r in rows if r["method"] == method and r["case"] in common]
+        # a method evaluated in two runs (identity in every run): keep one value per case
+        per_case = {r["case"]: r for r in picked}
+        summary[method] = {
+            "dice": sum(r["dice"] for r in per_case.values()) / len(per_case),
+            "seconds": sum(r["seconds"] for r in per_case.values()) / len(per_case),
+            "kind": picked[0]["kind"], "cases": len(per_case)}
+    return sorted(common), summary
+
+
+def plot(summary: Dict[str, Dict[str, float]], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.0, 4.6))
+    for name in BASELINES:
+        if name in summary:
+            axes.axhline(summary[name]["dice"], color="0.6" if name == "identity" else "0.3",
+                         linestyle="--", linewidth=1)
+            axes.text(0.99, summary[name]["dice"], f" {name}", va="bottom", ha="right",
+                      transform=axes.get_yaxis_transform(), fontsize=8, color="0.3")
+    for method, values in sorted(summary.items()):
+        if method in BASELINES:
+            continue
+        peer = values["kind"] == "peer"
+        axes.scatter(values["seconds"], values["dice"], marker="s" if peer else "o",
+                     color="tab:red" if peer else ("tab:green" if method.startswith("io")
+                                                    else "tab:blue"), zorder=3)
+        axes.annotate(PEERS.get(method, method), (values["seconds"], values["dice"]),
+                      textcoords="offset points", xytext=(5, 3), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("seconds per registration (mean, log scale)")
+    axes.set_ylabel("mean Dice")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.tradeoff",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="evaluation output folders, FOLDER[=SUFFIX]")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--title", default="Dice against seconds (same cases, same machine)")
+    args = parser.parse_args(argv)
+    rows = read_runs(args.runs)
+    if not rows:
+        parser.error("no finished rows in those runs")
+    cases, summary = summarise(rows)
+    os.makedirs(args.output, exist_ok=True)
+    plot(summary, os.path.join(args.output, "tradeoff.png"), args.title)
+    lines = [f"<!-- written by: python -m training.tradeoff {' '.join(args.runs)} "
+             f"--output {args.output} -->", "",
+             f"Mean over the {len(cases)} cases every method finished: {', '.join(cases)}.", "",
+             "| method | Dice | seconds |", "|---|---|---|"]
+    for method, values in sorted(summary.items(), key=lambda item: item[1]["seconds"]):
+        lines.append(f"| {PEERS.get(method, method)} | {values['dice']:.3f} | "
+                     f"{values['seconds']:.1f} |")
+    with open(os.path.join(args.output, "tradeoff.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
