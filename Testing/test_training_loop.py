@@ -102,6 +102,36 @@ def test_checkpoint_loads_through_the_command_line(trained, tmp_path, monkeypatc
     assert described["vm-diff"]["model_card"]["sha256"] == card["sha256"]
 
 
+def test_a_network_runs_on_the_grid_it_was_trained_on(trained, monkeypatch):
+    """The run trained on 8 mm; vm-diff's spec says 4 mm: the checkpoint's grid wins, also for
+    an older checkpoint whose file does not hold it (its model card does)."""
+    from DeepRegistrationLib.methods.base import RegistrationInputs, run_network
+    from DeepRegistrationLib.progress import ProgressScope
+
+    folder, output, card = trained
+    spec = get_method("vm-diff")
+    assert spec.working_spacing_mm == 4.0 and card["working_spacing_mm"] == 8.0
+    network = load_network(spec, path=output)
+    assert network.working_spacing_mm == 8.0
+    messages = []
+    progress = ProgressScope(lambda fraction, stage, detail="": messages.append(detail or stage))
+    image = torch.from_numpy(blob_volume((40, 44, 36), seed=4))[None, None]
+    inputs = RegistrationInputs(image, image, (2.0, 2.0, 2.0), progress=progress)
+    field = run_network(inputs, spec, network)
+    assert field.shape == (1, 3, 40, 44, 36)
+    # 2 mm x (40, 44, 36) voxels at 8 mm: about 11 x 12 x 10 (not 20 x 22 x 18 at 4 mm)
+    assert any("11x12x10" in m for m in messages), messages
+    # an older checkpoint: no grid in the file, the card's is used
+    state = torch.load(output, weights_only=True)
+    state.pop("working_spacing_mm", None)
+    older = os.path.join(str(folder), "older", "vm-diff.pt")
+    os.makedirs(os.path.dirname(older))
+    torch.save(state, older)
+    with open(older.replace(".pt", ".json"), "w") as handle:
+        json.dump({"working_spacing_mm": 8.0}, handle)
+    assert load_network(spec, path=older).working_spacing_mm == 8.0
+
+
 @contextlib.contextmanager
 def vm_diff_copy(name, training):
     """vm-diff registered as ``name`` with its own ``training`` schema, for the test's duration."""

@@ -144,7 +144,8 @@ def save_checkpoint(path: str, network: torch.nn.Module, method: str, config: Di
     from .. import __version__
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"method": method, "config": config, "state_dict": network.state_dict(),
-                "library_version": __version__}, path)
+                "library_version": __version__,
+                "working_spacing_mm": card.get("working_spacing_mm")}, path)
     card = dict(card, method=method, config=config, library_version=__version__,
                 checkpoint=os.path.basename(path), sha256=sha256_of(path),
                 size_bytes=os.path.getsize(path))
@@ -217,9 +218,18 @@ def load_network(spec: MethodSpec, device="cpu", path: Optional[str] = None) -> 
         first = str(error).strip().splitlines()[0]
         raise UserInputError(f"checkpoint '{path}' does not fit method '{spec.name}' with config "
                              f"{state['config']}: {first}") from None
+    # the grid the network was trained on (the general recipe ends at 2 mm; the first
+    # checkpoints at the spec's 4 mm): the checkpoint's own, else its card's, else the spec's
+    spacing = state.get("working_spacing_mm") or (card or {}).get("working_spacing_mm")
+    network.working_spacing_mm = float(spacing) if spacing else spec.working_spacing_mm
     network.to(device).eval()
     _NETWORK_CACHE[key] = network
     return network
+
+
+def network_spacing(network, spec: MethodSpec) -> Optional[float]:
+    """The working grid of a loaded network (:func:`load_network`), else the spec's."""
+    return getattr(network, "working_spacing_mm", None) or spec.working_spacing_mm
 
 
 # --------------------------------------------------------------------------- networks on a grid
@@ -244,7 +254,8 @@ def run_network(inputs: RegistrationInputs, spec: MethodSpec, network=None,
 
     With ``inputs.geometry`` (the engine always gives it) the pair is resampled onto the
     canonical canvas (``canonical.canonical_frame``: ``DICOMOrient`` "LPS" orientation,
-    ``working_spacing_mm``, the union of the foregrounds plus a margin, sides a multiple of
+    the network's working grid (:func:`network_spacing`), the union of the foregrounds plus a
+    margin, sides a multiple of
     ``size_multiple``), the network returns a displacement in canvas voxels, and
     ``CanonicalFrame.field_to_fixed`` maps it back exactly to the fixed grid. Without it the pair
     is resized on its own grid (corners aligned), padded by :func:`forward_padded`, and the field
@@ -258,7 +269,7 @@ def run_network(inputs: RegistrationInputs, spec: MethodSpec, network=None,
     if inputs.geometry is not None:
         from ..canonical import canonical_frame
         frame = canonical_frame(inputs.fixed, inputs.moving, inputs.geometry,
-                                spec.working_spacing_mm, spec.size_multiple)
+                                network_spacing(network, spec), spec.size_multiple)
         inputs.progress.report(0.1, f"{label}: network on a canonical "
                                     f"{'x'.join(map(str, frame.shape))} canvas")
         with torch.inference_mode():
@@ -266,8 +277,8 @@ def run_network(inputs: RegistrationInputs, spec: MethodSpec, network=None,
                                           frame.to_canvas(inputs.moving), spec.size_multiple)
         inputs.progress.report(1.0, f"{spec.name}: network done")
         return frame.field_to_fixed(displacement.clone())
-    work = working_shape(shape, inputs.spacing, spec.working_spacing_mm) \
-        if spec.working_spacing_mm else shape
+    spacing = network_spacing(network, spec)
+    work = working_shape(shape, inputs.spacing, spacing) if spacing else shape
     inputs.progress.report(0.1, f"{label}: network on a {'x'.join(map(str, work))} grid")
     with torch.inference_mode():
         displacement = forward_padded(network, resize_image(inputs.fixed, work),
