@@ -158,3 +158,30 @@ def test_tradeoff_averages_common_cases_and_suffixes_each_run(tmp_path):
                           "--output", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 1000
     assert "vtn +refine 60" in (tmp_path / "out" / "tradeoff.md").read_text()
+
+
+def test_curves_read_every_grid_and_its_identity_from_a_training_log(tmp_path):
+    from training import curves
+
+    log = tmp_path / "run.log"
+    log.write_text(
+        "2026-12-02 14:10:08 train vtn: 5 parameters, sources ['a'], canvas (128, 128, 128) at "
+        "2.0 mm, batch 1\n"
+        "2026-12-02 14:10:08 validation: 4 cases (seed 1); identity dice 0.7276 gt_error_mm 4.7\n"
+        "2026-12-02 14:10:08 validation at 8.0 mm (coarse stage): identity dice 0.80 "
+        "gt_error_mm 5.0\n"
+        "2026-12-02 14:10:08 unseen-anatomy validation (itk-t1): identity dice 0.565 "
+        "gt_error_mm 4.4\n"
+        "2026-12-02 14:10:09 step 0: validation at 8.0 mm dice 0.80 gt_error_mm 5.0 loss 0.4\n"
+        "2026-12-02 14:11:00 step 10: 1A_similarity 0.1 loss 0.2 lr 1.00e-03\n"
+        "2026-12-02 14:12:00 step 250: validation dice 0.75 gt_error_mm 4.1 loss 0.3\n"
+        "2026-12-02 14:12:01 step 250: unseen-anatomy validation dice 0.55 gt_error_mm 4.6 "
+        "loss 0.3\n")
+    run = curves.read_log(str(log))
+    assert run["working"] == "2.0"
+    assert run["identity"]["2.0"]["dice"] == 0.7276 and run["identity"]["8.0"]["dice"] == 0.80
+    assert run["identity"]["unseen"]["gt_error_mm"] == 4.4
+    assert run["curves"]["8.0"] == [(0, {"dice": 0.80, "gt_error_mm": 5.0, "loss": 0.4})]
+    assert run["curves"]["2.0"][0][0] == 250 and run["curves"]["unseen"][0][1]["dice"] == 0.55
+    assert curves.main([str(log), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
