@@ -129,6 +129,10 @@ def test_recipe_stages_scale_with_the_method_and_run_in_order():
     first, second = (s["fraction"] for s in GENERAL.stages)
     assert [(s["spacing_mm"], s["steps"]) for s in stages] == [
         (8.0, round(100 * first)), (4.0, round(100 * (first + second)))]
+    # --no-curriculum: every step on the working grid
+    assert resolve_curriculum(spec, TrainOptions(method="vm-diff", output="x", iterations=100,
+                                                 curriculum=False),
+                              2.0, GENERAL.for_method(4)["stages"]) == []
     # a stage no coarser than the working grid is dropped
     stages = resolve_curriculum(spec, TrainOptions(method="vm-diff", output="x", iterations=100),
                                 4.0, GENERAL.for_method(4)["stages"])

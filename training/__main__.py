@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--clean-similarity", choices=("yes", "no"), default=None,
                        help="score the similarity on each pair before its acquisition effects "
                             "(default: the recipe's)")
+    train.add_argument("--no-curriculum", action="store_true",
+                       help="every step on the working grid (no coarse stages), e.g. to continue "
+                            "a finished run from its checkpoint")
     train.add_argument("--overfit", type=int, default=0, metavar="N",
                        help="cycle over the first N training pairs (checks that it can learn)")
     train.add_argument("--coarse-spacing", type=float, metavar="MM",
@@ -154,7 +157,8 @@ def command_train(args) -> None:
         config=_json_option(args.config, "--config"),
         synth=_json_option(args.synth, "--synth"), threads=args.threads, overfit=args.overfit,
         coarse_spacing_mm=args.coarse_spacing, coarse_fraction=args.coarse_fraction,
-        coarse_batch_size=args.coarse_batch_size, progress=not args.quiet,
+        coarse_batch_size=args.coarse_batch_size, curriculum=not args.no_curriculum,
+        progress=not args.quiet,
         recipe=args.recipe, unseen_sources=unseen,
         guidance=None if args.guidance is None else _json_option(args.guidance, "--guidance"),
         clean_similarity=None if args.clean_similarity is None

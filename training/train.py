@@ -303,6 +303,7 @@ class TrainOptions:
     coarse_spacing_mm: Optional[float] = None    # None: from the spec (or the default); 0: off
     coarse_fraction: Optional[float] = None
     coarse_batch_size: Optional[int] = None
+    curriculum: bool = True   # False: every step on the working grid (e.g. to continue a run)
     progress: bool = True
     log_every: int = 10
     recipe: Optional[str] = None     # training.recipes: sources, synthetic data, stages, grid
@@ -370,7 +371,10 @@ def resolve_curriculum(spec: MethodSpec, options: TrainOptions, spacing: float,
     ``{"spacing_mm", "fraction", "batch_size", "steps"}`` where ``steps`` is the first step
     *after* the stage (cumulative). ``stages`` (a recipe's) or the spec's ``curriculum`` (one dict
     or a list) or the default; the ``--coarse-*`` options change the first stage (spacing 0
-    switches the curriculum off). Stages not coarser than the working grid are dropped."""
+    drops it); ``options.curriculum`` False (``--no-curriculum``) drops them all. Stages not
+    coarser than the working grid are dropped."""
+    if not options.curriculum:
+        return []
     if stages is None:
         base = spec.training.get("curriculum", DEFAULT_CURRICULUM)
         if base is None and options.coarse_spacing_mm is None:
