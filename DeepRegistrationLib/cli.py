@@ -278,8 +278,9 @@ def _card_lines(item: dict) -> List[str]:
                                                                   (int, float)) else ""
         lines.append(f"trained on: {'; '.join(sources)}{spacing}, synthetic deformations")
     training = card.get("training") or {}
+    # the whole run's steps with the whole run's time (the best checkpoint may come earlier)
     steps = training.get("run_iterations", training.get("iterations"))
-    seconds = training.get("wall_time_seconds")
+    seconds = training.get("run_wall_time_seconds", training.get("wall_time_seconds"))
     if steps is not None or seconds is not None:
         text = f"training: {steps} steps" if steps is not None else "training:"
         if isinstance(seconds, (int, float)):

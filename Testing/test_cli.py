@@ -367,9 +367,13 @@ def test_methods_text_shows_each_model_card(capsys, tmp_path, monkeypatch):
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert f"checkpoint: {path}" in vtn
     assert f"sha256: {digest[:12]}... (matches the file), created {card['created']}" in vtn
-    assert "trained on: mni152 (T1" in vtn and "at 4 mm" in vtn
-    assert f"training: {card['training']['iterations']} steps, " \
-           f"{card['training']['wall_time_seconds'] / 60:.1f} min wall time" in vtn
+    first_source = card["data"]["sources"][0]
+    assert f"trained on: {first_source['name']} ({first_source['modality']}" in vtn
+    assert f"at {card['data']['spacing_mm']:g} mm" in vtn
+    training = card["training"]
+    run_steps = training.get("run_iterations", training["iterations"])
+    run_seconds = training.get("run_wall_time_seconds", training["wall_time_seconds"])
+    assert f"training: {run_steps} steps, {run_seconds / 60:.1f} min wall time" in vtn
     validation = card["validation"]
     assert f"validation ({validation['cases']} synthetic cases, step {validation['step']}" in vtn
     assert f"Dice {validation['identity']['dice']:.3f} -> {validation['metrics']['dice']:.3f}" \

@@ -373,7 +373,8 @@ def test_model_card_lines_from_a_shipped_card():
     sources = [s["name"] for s in card["data"]["sources"]]
     assert lines["Trained on"].startswith(", ".join(n.upper() if n == "mni152" else n for n in sources))
     assert "synthetic deformations" in lines["Trained on"]
-    assert lines["Seen anatomy"] == bridge.SOURCE_ANATOMY["mni152"]
+    assert lines["Seen anatomy"] == "; ".join(dict.fromkeys(bridge.SOURCE_ANATOMY[n]
+                                                            for n in sources))
     assert lines["Training steps"] == str(card["training"]["run_iterations"])
     before, after = card["validation"]["identity"]["dice"], card["validation"]["metrics"]["dice"]
     assert lines["Validation Dice"].startswith(f"{before:.2g} \u2192 {after:.2g}")
@@ -393,7 +394,10 @@ def test_method_description_html_is_curated_and_escaped():
         "checkpoint": "/x/Resources/checkpoints/vm-diff.pt", "available": True})
     assert bridge.PLAIN_DESCRIPTIONS["vm-diff"] in html
     assert "6 s at 2mm" in html and "2.5 min at 1mm" in html
-    assert "Trained on MNI152 (synthetic deformations), 900 steps, " + card["created"][:10] in html
+    sources = ", ".join(s["name"].upper() if s["name"] == "mni152" else s["name"]
+                        for s in card["data"]["sources"])
+    assert (f"Trained on {sources} (synthetic deformations), "
+            f"{card['training']['run_iterations']} steps, {card['created'][:10]}") in html
     assert "Seen anatomy:" in html and "Validation Dice:" in html
     # nothing of the raw card: no dictionaries, commands, paths or synthetic-data settings
     for raw in ("{", "synth_config", "config", "--", "/x/", ".pt", "affine_probability", "U-Net velocity",

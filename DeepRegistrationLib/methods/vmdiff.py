@@ -10,14 +10,15 @@ et al., "VoxelMorph", IEEE TMI 2019:
 - ``u = exp(v)`` by scaling and squaring (``spatial.integrate_velocity``) on a grid of half the
   resolution, upsampled (VoxelMorph's ``int_downsize=2``), a diffeomorphism for a smooth ``v``;
   the warped image is ``warp(moving, u)``;
-- training minimises ``S(F, M o u) + lambda * Diffusion(u)`` without any ground truth.
+- training minimises ``S(F, M o u) + lambda * Diffusion(u)`` without any ground truth (the
+  shipped checkpoint adds the general recipe's supervised guidance: training/README.md).
 
 Differences from the paper, for a 2-core CPU: the deterministic (mean-velocity) variant trained
 with local NCC (9^3 -> 5^3 window, 20 mm at 4 mm voxels) and a diffusion regulariser on the
 displacement instead of the probabilistic KL loss; a narrow U-Net (about 380k parameters, most of
-them in the coarse levels); and the network runs on a 4 mm isotropic working grid, its field
-upsampled to the fixed grid (``base.run_network``) -- add ``--refine N`` for instance optimisation
-at full resolution. A training step (batch 1, 64^3 canvas) takes about 0.5 s on 2 CPU cores.
+them in the coarse levels); and the network runs on an isotropic working grid -- its
+checkpoint's (2 mm for the shipped one), else 4 mm -- its field upsampled to the fixed grid
+(``base.run_network``); add ``--refine N`` for instance optimisation at full resolution. A training step (batch 1, 64^3 canvas) takes about 0.5 s on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ SPEC = register_method(MethodSpec(
     title="VoxelMorph-diff (U-Net velocity + scaling and squaring)",
     paper="Dalca et al., Unsupervised learning of probabilistic diffeomorphic registration for "
           "images and surfaces, MedIA 2019 (MICCAI 2018)",
-    description="A small U-Net predicts a stationary velocity on a 4 mm grid; its exponential is "
-                "a diffeomorphic displacement. One forward pass; add --refine for detail.",
+    description="A small U-Net predicts a stationary velocity on its checkpoint's grid (2 mm); "
+                "its exponential is a diffeomorphic displacement. One forward pass; add --refine "
+                "for detail.",
     run=run_network,
     build_network=build_network,
     config=dict(DEFAULT_CONFIG),

@@ -395,8 +395,9 @@ SPEC = register_method(MethodSpec(
     paper="Zhao et al., Unsupervised 3D End-to-End Medical Image Registration with Volume "
           "Tweening Network, IEEE JBHI 2020",
     description="An affine subnetwork then three dense encoder-decoders, each registering the "
-                "fixed image to the re-warped moving image; flows composed. 4 mm grid; add "
-                "--refine for detail. --variant X runs a separately trained vtn-X.pt.",
+                "fixed image to the re-warped moving image; flows composed. Runs on its "
+                "checkpoint's grid (2 mm); add --refine for detail. --variant X runs a "
+                "separately trained vtn-X.pt.",
     run=run,
     build_network=build_network,
     config=dict(DEFAULT_CONFIG),
