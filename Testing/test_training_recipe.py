@@ -209,6 +209,20 @@ def _tiny_batch():
     return batch
 
 
+def _tiny_network_and_batch(method, config):
+    """``(spec, small untrained network in eval mode, a two-pair training batch)``; ``config``
+    overrides the method's own (keys it does not have are ignored)."""
+    from DeepRegistrationLib.methods import get_method
+
+    spec = get_method(method)
+    config = {k: v for k, v in dict(spec.config, **config).items() if k in spec.config}
+    torch.manual_seed(0)
+    network = spec.build_network(config).eval()
+    batch = _tiny_batch()
+    batch.update(spec=spec, config=config)
+    return spec, network, batch
+
+
 @pytest.mark.parametrize("method, config", [
     ("vm-diff", TINY),
     ("vtn", {"variant": "AD", "features": 4}),
@@ -218,15 +232,9 @@ def _tiny_batch():
     ("multiprop", {}),
 ])
 def test_guidance_terms_act_on_the_final_field_of_every_method(method, config):
-    from DeepRegistrationLib.methods import get_method
     from training.train import GUIDANCE, make_loss_fn, supervised_field_loss
 
-    spec = get_method(method)
-    config = {k: v for k, v in dict(spec.config, **config).items() if k in spec.config}
-    torch.manual_seed(0)
-    network = spec.build_network(config).eval()
-    batch = _tiny_batch()
-    batch.update(spec=spec, config=config)
+    spec, network, batch = _tiny_network_and_batch(method, config)
     fixed, moving = batch["fixed"], batch["moving"]
     plain, plain_terms = make_loss_fn(spec)(network, fixed, moving, dict(batch))
     guided, terms = make_loss_fn(spec, {"supervised": 0.5, "dice": 2.0})(
@@ -285,22 +293,15 @@ def test_unknown_guidance_is_a_user_error():
 ])
 def test_clean_similarity_scores_the_clean_pair_but_the_network_sees_the_degraded_one(
         method, config):
-    from DeepRegistrationLib.methods import get_method
     from training.train import make_loss_fn
 
-    spec = get_method(method)
-    config = {k: v for k, v in dict(spec.config, **config).items() if k in spec.config}
-    torch.manual_seed(0)
-    network = spec.build_network(config).eval()
-    batch = _tiny_batch()
-    batch.update(spec=spec, config=config)
+    spec, network, batch = _tiny_network_and_batch(method, config)
     fixed, moving = batch["fixed"], batch["moving"]
     assert not torch.equal(batch["fixed_clean"], fixed)  # the generator degraded them
-    loss_fn = make_loss_fn(spec, {"supervised": 1e-9})  # a guidance term reports the field
+    loss_fn = make_loss_fn(spec)
 
     def run(**changes):
-        outputs = {}
-        total, _ = loss_fn(network, fixed, moving, dict(batch, **changes, outputs=outputs))
+        total, _ = loss_fn(network, fixed, moving, dict(batch, **changes))
         return float(total.detach())
 
     degraded = run(clean=False)
@@ -310,11 +311,10 @@ def test_clean_similarity_scores_the_clean_pair_but_the_network_sees_the_degrade
     # the real clean pair: another loss value, from the same field
     clean = run(clean=True)
     assert abs(clean - degraded) > 1e-4 * abs(degraded)
-    fields = []
+    fields = []  # the supervised term measures the network's field, not the scored images
     for changes in ({"clean": True}, {"clean": True, "fixed_clean": batch["fixed_clean"] * 0.5}):
-        captured = {}
-        spec_loss = make_loss_fn(spec, {"supervised": 1.0})
-        _, terms = spec_loss(network, fixed, moving, dict(batch, **changes, outputs=captured))
+        _, terms = make_loss_fn(spec, {"supervised": 1.0})(network, fixed, moving,
+                                                           dict(batch, **changes))
         fields.append(terms["guidance_supervised"])
     assert fields[0] == pytest.approx(fields[1], rel=1e-6)
 
@@ -335,15 +335,9 @@ def test_methods_whose_loss_takes_no_recipe_terms_are_refused_up_front():
 
 
 def test_mmln_reports_the_trained_level_field_and_at_validation_the_pyramid_field():
-    from DeepRegistrationLib.methods import get_method
     from training.train import make_loss_fn, supervised_field_loss
 
-    spec = get_method("mmln")
-    config = dict(spec.config, width=4, residual_blocks=1)
-    torch.manual_seed(0)
-    network = spec.build_network(config).eval()
-    batch = _tiny_batch()
-    batch.update(spec=spec, config=config)
+    spec, network, batch = _tiny_network_and_batch("mmln", {"width": 4, "residual_blocks": 1})
     loss_fn = make_loss_fn(spec, {"supervised": 1.0})
     fixed, moving = batch["fixed"], batch["moving"]
     # validation: the full pyramid, i.e. the field the user gets

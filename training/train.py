@@ -149,8 +149,7 @@ def loss_terms(training: Dict) -> List[Tuple[str, float, Callable]]:
         if training.get(key):
             terms.append((key, float(training[key]), lambda u, b, r=regulariser: r(u)))
     if training.get("dice"):
-        terms.append(("dice", float(training["dice"]), lambda u, b: soft_dice_loss(
-            b["fixed_labels"], b["moving_labels"], u)))
+        terms.append(("dice", float(training["dice"]), GUIDANCE["dice"]))
     return terms
 
 
@@ -173,17 +172,24 @@ GUIDANCE = {
 }
 
 
-def make_loss_fn(spec: MethodSpec, guidance: Optional[Dict[str, float]] = None) -> LossFunction:
-    """The method's ``loss_fn`` hook, or the weighted sum of the schema's terms; plus the
-    recipe's ``guidance`` terms on the final field (label Dice, ground-truth end-point error)."""
+def split_guidance(guidance: Optional[Dict[str, float]]) -> Tuple[float, Dict[str, float]]:
+    """``(weight of the method's own loss, {GUIDANCE term: weight})`` of a guidance mapping:
+    ``"method"`` weighs the method's own (the paper's) loss, 1 unless given; zero-weight terms
+    are dropped; an unknown term is a user error."""
     guidance = {k: float(w) for k, w in (guidance or {}).items()}
-    # "method": the weight of the method's own (the paper's) loss, 1 unless the recipe says
     own_weight = guidance.pop("method", 1.0)
     guidance = {k: w for k, w in guidance.items() if w}
     unknown = set(guidance) - set(GUIDANCE)
     if unknown:
         raise UserInputError(f"unknown guidance term(s) {sorted(unknown)}; known: "
                              f"method, {', '.join(GUIDANCE)}")
+    return own_weight, guidance
+
+
+def make_loss_fn(spec: MethodSpec, guidance: Optional[Dict[str, float]] = None) -> LossFunction:
+    """The method's ``loss_fn`` hook, or the weighted sum of the schema's terms; plus the
+    recipe's ``guidance`` terms on the final field (label Dice, ground-truth end-point error)."""
+    own_weight, guidance = split_guidance(guidance)
     own = spec.training.get("loss_fn") if callable(spec.training.get("loss_fn")) else None
     if own is not None and not guidance and own_weight == 1.0:
         return own
@@ -219,8 +225,8 @@ def check_recipe_losses(spec: MethodSpec, guidance: Dict, clean_similarity: bool
     """A method with its own ``loss_fn`` takes the recipe's guidance terms and clean similarity
     only if it says so (``training["recipe_losses"]``: its loss reports the final field with
     ``base.report_field`` and scores ``base.scored_pair``); the others are refused up front."""
-    asks = bool({k: w for k, w in guidance.items() if k != "method" and w}) or clean_similarity \
-        or float(guidance.get("method", 1.0)) != 1.0
+    own_weight, terms = split_guidance(guidance)
+    asks = bool(terms) or own_weight != 1.0 or clean_similarity
     if asks and callable(spec.training.get("loss_fn")) and not spec.training.get("recipe_losses"):
         raise UserInputError(
             f"{spec.name}'s training loss does not take the recipe's guidance terms or clean "

@@ -300,9 +300,11 @@ def pyramid_shapes(shape, levels: int, max_voxels: Optional[int] = None):
 
 def scored_pair(fixed: torch.Tensor, moving: torch.Tensor,
                 batch: Optional[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The images a training loss scores a field on, given the images the network saw.
+    """The images a training loss scores a field on, given the pair the network saw (``moving``
+    already in the fixed contrast, :func:`same_contrast`).
 
-    Normally ``(fixed, same_contrast(fixed, moving, batch))``. When the trainer marks the batch
+    Normally that pair itself, the same tensors (callers test ``is`` to skip rescoring). When the
+    trainer marks the batch
     ``clean`` (a recipe's ``clean_similarity``), the synthetic pair *before* each image's own
     acquisition effects (gamma, bias, noise, blur, thick slices, cut slabs): the network still
     sees the degraded images, but the similarity is scored where its minimum is the true
@@ -310,10 +312,10 @@ def scored_pair(fixed: torch.Tensor, moving: torch.Tensor,
     field is 0.36-0.79 (identity 0.46-0.85), with the clean ones 0.04-0.08, so a network trained
     on the degraded similarity learns to explain the degradations by deformation."""
     batch = batch or {}
-    if batch.get("clean") and batch.get("fixed_clean") is not None:
-        fixed = batch["fixed_clean"].to(fixed)
-        moving = batch["moving_clean"].to(moving)
-    return fixed, same_contrast(fixed, moving, batch)
+    if not batch.get("clean") or batch.get("fixed_clean") is None:
+        return fixed, moving
+    fixed = batch["fixed_clean"].to(fixed)
+    return fixed, same_contrast(fixed, batch["moving_clean"].to(moving), batch)
 
 
 def report_field(batch: Optional[Dict], displacement: torch.Tensor) -> torch.Tensor:

@@ -469,8 +469,8 @@ def training_loss(network: MMLN, fixed: torch.Tensor, moving: torch.Tensor,
     same-contrast similarity.
     """
     batch = batch or {}
-    scored = scored_pair(fixed, moving, batch) if batch.get("clean") else None
     moving = same_contrast(fixed, moving, batch)
+    scored = scored_pair(fixed, moving, batch) if batch.get("clean") else None
     if not batch.get("training", False) or batch.get("iterations", 0) < 1:
         return level_loss(network, fixed, moving, LEVELS, scored=scored, batch=batch)
     step, iterations = int(batch["step"]), int(batch["iterations"])

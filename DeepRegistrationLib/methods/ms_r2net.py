@@ -224,20 +224,19 @@ def phase_one_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
     the images the similarity scores (``base.scored_pair``), when not the ones seen. The field
     reported to the trainer's guidance terms is the global branch's, on the pair's grid (the
     chunks have no whole-volume field before phase two fuses them)."""
-    scored_fixed, scored_moving = scored or (fixed, moving)
-
-    def chunks(image):
-        return torch.cat(split_chunks(image, network.chunks, network.overlap))
-
-    local = forward_padded(network.chunk_branch, chunks(fixed), chunks(moving),
-                           network.branch_multiple)
-    chunk_loss, chunk_terms = network_loss(network, local, chunks(scored_fixed),
-                                           chunks(scored_moving))
     small = half_shape(fixed.shape[2:])
-    coarse = forward_padded(network.global_branch, resize_image(fixed, small),
-                            resize_image(moving, small), network.branch_multiple)
-    global_loss, global_terms = network_loss(network, coarse, resize_image(scored_fixed, small),
-                                             resize_image(scored_moving, small))
+
+    def branch_inputs(first, second):  # the chunks and the half-size pair of two images
+        return (torch.cat(split_chunks(first, network.chunks, network.overlap)),
+                torch.cat(split_chunks(second, network.chunks, network.overlap)),
+                resize_image(first, small), resize_image(second, small))
+
+    seen = branch_inputs(fixed, moving)
+    rescored = branch_inputs(*scored) if scored is not None else seen
+    local = forward_padded(network.chunk_branch, seen[0], seen[1], network.branch_multiple)
+    chunk_loss, chunk_terms = network_loss(network, local, rescored[0], rescored[1])
+    coarse = forward_padded(network.global_branch, seen[2], seen[3], network.branch_multiple)
+    global_loss, global_terms = network_loss(network, coarse, rescored[2], rescored[3])
     report_field(batch, resize_displacement(coarse, tuple(fixed.shape[2:])))
     terms = {f"chunk_{k}": v for k, v in chunk_terms.items()}
     terms.update({f"global_{k}": v for k, v in global_terms.items()})
@@ -261,8 +260,8 @@ def phase_two_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
 def training_loss(network: MSR2Net, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook: the loss of ``network.phase`` (``config["phase"]``)."""
-    scored = scored_pair(fixed, moving, batch)
     moving = same_contrast(fixed, moving, batch)
+    scored = scored_pair(fixed, moving, batch) if (batch or {}).get("clean") else None
     if network.phase == 1:
         return phase_one_loss(network, fixed, moving, scored, batch)
     return phase_two_loss(network, fixed, moving, batch, scored)

@@ -409,8 +409,9 @@ def lower_terms(network: MultiProp, fixed: torch.Tensor, moving: torch.Tensor,
                 batch: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
     """:func:`loss_terms` of a trainer batch (LNCC is a same-contrast similarity: second-contrast
     synthetic pairs are trained in the fixed contrast, ``base.same_contrast``)."""
+    moving = same_contrast(fixed, moving, batch)
     scored = scored_pair(fixed, moving, batch) if (batch or {}).get("clean") else None
-    return loss_terms(network, fixed, same_contrast(fixed, moving, batch), batch_spacing(batch),
+    return loss_terms(network, fixed, moving, batch_spacing(batch),
                       scored, batch)
 
 

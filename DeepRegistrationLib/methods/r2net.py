@@ -338,7 +338,8 @@ def training_loss(network: R2Net, fixed: torch.Tensor, moving: torch.Tensor,
                   batch: Optional[Dict] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The trainer's ``loss_fn`` hook (training/train.py): similarity (LNCC; the paper's MSE, or
     NGF, via the config) plus the folding loss (plus the diffusion term, if weighted)."""
-    displacement = report_field(batch, network(fixed, same_contrast(fixed, moving, batch)))
+    moving = same_contrast(fixed, moving, batch)
+    displacement = report_field(batch, network(fixed, moving))
     return network_loss(network, displacement, *scored_pair(fixed, moving, batch))
 
 

@@ -326,8 +326,8 @@ def training_loss(network: VTN, fixed: torch.Tensor, moving: torch.Tensor,
     and, by default, its weight ``w = 1e-3`` (config ``invertibility_weight``). Second-contrast synthetic pairs are replaced by
     same-contrast ones (:func:`same_contrast`).
     """
-    scored_fixed, scored_moving = scored_pair(fixed, moving, batch)
     moving = same_contrast(fixed, moving, batch)
+    scored_fixed, scored_moving = scored_pair(fixed, moving, batch)
     if not network.invertibility:
         stages = network.stages(fixed, moving)
         if scored_moving is not moving:
