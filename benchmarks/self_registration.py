@@ -17,7 +17,9 @@ import SimpleITK as sitk
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from DeepRegistrationLib.engine import register  # noqa: E402
+from DeepRegistrationLib.images import resample_to_reference  # noqa: E402
 from DeepRegistrationLib.outputs import displacement_to_physical  # noqa: E402
+from DeepRegistrationLib.sample_data import resample_isotropic  # noqa: E402
 from training.data import available_sources, load_source  # noqa: E402
 
 
@@ -47,14 +49,8 @@ def main(argv=None) -> int:
         cells = []
         for name in sources:
             volume = load_source(name)
-            reference = sitk.Image(volume.image)
-            size = [max(int(round(n * s / args.spacing)), 2)
-                    for n, s in zip(reference.GetSize(), reference.GetSpacing())]
-            image = sitk.Resample(volume.image, size, sitk.Transform(), sitk.sitkLinear,
-                                  reference.GetOrigin(), [args.spacing] * 3,
-                                  reference.GetDirection(), 0.0, sitk.sitkFloat32)
-            labels = sitk.Resample(volume.labels, image, sitk.Transform(),
-                                   sitk.sitkNearestNeighbor, 0)
+            image = resample_isotropic(sitk.Cast(volume.image, sitk.sitkFloat32), args.spacing)
+            labels = resample_to_reference(volume.labels, image, nearest=True)
             mean, largest = self_registration(method, image, labels)
             cells.append(f"{mean:.2f} / {largest:.2f}")
             print(f"{method} {name}: mean {mean:.2f} mm, max {largest:.2f} mm", flush=True)
