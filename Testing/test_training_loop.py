@@ -63,6 +63,12 @@ def test_training_lowers_the_loss_and_keeps_the_best_checkpoint(trained):
         assert json.load(handle)["sha256"] == card["sha256"]
     log = open(os.path.splitext(output)[0] + ".log").read()
     assert "step 24: validation" in log and "best so far" in log
+    # the same cases without their affine part are validated too, logged and carded
+    assert "step 24: deformable validation" in log
+    deformable = card["deformable_validation"]
+    assert deformable["metrics"]["gt_error_mm"] >= 0 and "step" not in deformable["metrics"]
+    at_best = next(h for h in history if h["step"] == card["validation"]["step"])
+    assert at_best["deformable"] == deformable["metrics"]
     network = load_network(get_method("vm-diff"), path=output)
     assert sum(p.numel() for p in network.parameters()) == card["parameters"]
 
@@ -160,11 +166,13 @@ def test_loss_fn_hook_receives_the_documented_arguments(tmp_path):
                                   progress=False))
     steps = [c["step"] for c in calls if c["training"]]
     assert steps == [0, 1]
-    assert sum(1 for c in calls if not c["training"]) == 2  # validation at step 0 and the end
+    # validation at step 0 and at the end, each on the cases with and without their affine
+    assert sum(1 for c in calls if not c["training"]) == 4
     expected = {"fixed_labels", "moving_labels", "displacement", "generating", "source",
                 "multimodal", "step", "iterations", "training", "spec", "config"}
     assert expected <= calls[0]["keys"]
-    assert calls[1]["shape"][0] == 2 and all(n % 16 == 0 for n in calls[1]["shape"][2:])
+    first_step = next(c for c in calls if c["training"])
+    assert first_step["shape"][0] == 2 and all(n % 16 == 0 for n in first_step["shape"][2:])
     assert "loss_fn" in card["training"]["losses"]
     log = open(tmp_path / "hook-test.log").read()
     assert "dice_loss" in log

@@ -1,6 +1,7 @@
 """Validation curves of a training run, read from its log (``NAME.log`` beside the checkpoint):
 Dice and ground-truth error against the step, one colour per grid of the curriculum, the identity
-of each grid dashed, the held-out (unseen) anatomy in grey.
+of each grid dashed, the held-out (unseen) anatomy in grey, the validation cases without their
+residual affine (the deformable part alone) in red.
 
     python -m training.curves RUN.log [RUN.log ...] --output curves.png
 """
@@ -11,9 +12,10 @@ import re
 from collections import defaultdict
 from typing import Dict, List
 
-STEP = re.compile(r"step (\d+): (unseen-anatomy )?validation(?: at ([\d.]+) mm)? (.*)$")
-IDENTITY = re.compile(r"(?:validation(?: at ([\d.]+) mm \(coarse stage\))?"
-                      r"(?:: \d+ cases \([^)]*\);)?"
+STEP = re.compile(r"step (\d+): (unseen-anatomy |deformable )?validation(?: at ([\d.]+) mm)? "
+                  r"(.*)$")
+IDENTITY = re.compile(r"(?:(deformable )?validation(?: at ([\d.]+) mm \(coarse stage\))?"
+                      r"(?:: \d+ cases \([^)]*\);)?(?: \([^)]*\))?"
                       r"|(unseen)-anatomy validation \([^)]*\)):? identity (.*)$")
 WORKING = re.compile(r"canvas \([\d, ]+\) at ([\d.]+) mm")
 
@@ -26,7 +28,8 @@ def _metrics(text: str) -> Dict[str, float]:
 
 def read_log(path: str) -> Dict:
     """``{"curves": {grid: [(step, metrics)]}, "identity": {grid: metrics}}``; the held-out
-    anatomy is the grid ``"unseen"``, the working grid its spacing."""
+    anatomy is the grid ``"unseen"``, the cases without their affine part ``"deformable"``, the
+    working grid its spacing."""
     curves, identity, working = defaultdict(list), {}, None
     with open(path) as handle:
         for line in handle:
@@ -36,12 +39,15 @@ def read_log(path: str) -> Dict:
                 working = found.group(1)
             found = IDENTITY.search(line)
             if found and "step " not in line:
-                grid = "unseen" if found.group(2) else (found.group(1) or working)
-                identity[grid] = _metrics(found.group(3))
+                grid = "unseen" if found.group(3) else "deformable" if found.group(1) \
+                    else (found.group(2) or working)
+                identity[grid] = _metrics(found.group(4))
                 continue
             found = STEP.search(line)
             if found:
-                grid = "unseen" if found.group(2) else (found.group(3) or working)
+                kind = (found.group(2) or "").strip()
+                grid = {"unseen-anatomy": "unseen", "deformable": "deformable"}.get(kind) \
+                    or found.group(3) or working
                 curves[grid].append((int(found.group(1)), _metrics(found.group(4))))
     return {"curves": dict(curves), "identity": identity, "working": working}
 
@@ -52,14 +58,16 @@ def plot(logs: List[str], output: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(len(logs), 2, figsize=(10, 3.2 * len(logs)), squeeze=False)
-    colours = {"8.0": "tab:orange", "4.0": "tab:blue", "2.0": "tab:green", "unseen": "0.5"}
+    colours = {"8.0": "tab:orange", "4.0": "tab:blue", "2.0": "tab:green", "unseen": "0.5",
+               "deformable": "tab:red"}
+    names = {"unseen": "unseen anatomy (2 mm)", "deformable": "without the affine part"}
     for row, path in enumerate(logs):
         run = read_log(path)
         for column, metric in enumerate(("dice", "gt_error_mm")):
             axis = axes[row][column]
             for grid, points in sorted(run["curves"].items()):
                 colour = colours.get(grid, "tab:purple")
-                label = "unseen anatomy (2 mm)" if grid == "unseen" else f"{float(grid):g} mm"
+                label = names.get(grid) or f"{float(grid):g} mm"
                 axis.plot([s for s, _ in points], [m.get(metric) for _, m in points], "o-",
                           color=colour, markersize=3, label=label)
                 if grid in run["identity"] and metric in run["identity"][grid]:

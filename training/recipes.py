@@ -17,7 +17,14 @@ of deformations. The recipe widens every one of those, within what two CPU cores
 - **pose**: a residual affine (rotation up to 5 degrees, shifts up to 6 mm per axis (10 mm in all), 5% scaling, 3% shear)
   -- what is left after the engine's global stage;
 - **deformations**: four scales from 64 mm to 12 mm control spacing, each with its own random
-  strength (fine 1-3 mm cortical-scale detail to coarse displacements of up to about 15 mm);
+  strength: per pair a mean displacement inside the anatomy of 1.1-6.4 mm (10th-90th
+  percentile, median 2.4 mm) and a largest displacement of up to 15 mm (90th percentile), the
+  inter-subject range (measured without the affine part: ``python -m training.montage
+  --statistics 40``, docs/training/recipe-general-deformations.md). The first version (``general-v1``,
+  which trained the vtn and vm-diff checkpoints of 2026-12-02) named the same scales but, since a
+  scale's strength is its *largest* velocity component and each is multiplied by two uniform
+  draws, its deformable part was a mean of 0.4 mm (median pair; largest displacement 2.5 mm at
+  the 90th percentile): the networks learned the residual affine and almost no deformation;
 - **grids**: a curriculum 8 mm (large batches) -> 4 mm windows of 192 mm -> 2 mm windows of
   128-160 mm (a window costs a fraction of the whole canvas), so the finest level can
   express 2 mm deformations (the 4 mm grid of the first checkpoints could not: a 2 mm displacement
@@ -25,7 +32,7 @@ of deformations. The recipe widens every one of those, within what two CPU cores
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from DeepRegistrationLib.errors import UserInputError
@@ -64,8 +71,8 @@ class Recipe:
                 "guidance": dict(self.guidance), "clean_similarity": self.clean_similarity}
 
 
-GENERAL = Recipe(
-    name="general",
+GENERAL_V1 = Recipe(
+    name="general-v1",
     sources=("mni152", "pydeface", "invesalius-ct"),
     unseen=("itk-t1",),
     synth={
@@ -94,7 +101,15 @@ GENERAL = Recipe(
     clean_similarity=True,
 )
 
-RECIPES = {"general": GENERAL}
+# the same recipe with deformations of the inter-subject range (see the module's docstring):
+# the strengths were set from the deformable part's statistics, never from evaluation cases
+GENERAL = replace(
+    GENERAL_V1, name="general",
+    synth=dict(GENERAL_V1.synth,
+               velocity_scales=((64.0, 32.0), (32.0, 24.0), (16.0, 10.0), (12.0, 5.0)),
+               magnitude_range=(0.2, 1.0)))
+
+RECIPES = {"general": GENERAL, "general-v1": GENERAL_V1}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -185,6 +185,16 @@ def scales_velocity(shape: Sequence[int], generator: torch.Generator, config: Sy
     return velocity
 
 
+def deformable_statistics(displacement: torch.Tensor, labels: torch.Tensor,
+                          spacing_mm: float) -> Dict[str, float]:
+    """Mean and largest length (mm) of a voxel displacement inside the labels (0 without any)."""
+    inside = labels[0, 0] > 0
+    if not bool(inside.any()):
+        return {"deformable_mean_mm": 0.0, "deformable_max_mm": 0.0}
+    length = displacement[0].norm(dim=0)[inside] * spacing_mm
+    return {"deformable_mean_mm": float(length.mean()), "deformable_max_mm": float(length.max())}
+
+
 def exponential(velocity: torch.Tensor) -> torch.Tensor:
     """``exp(v)`` by scaling and squaring on a half-resolution grid, upsampled: the velocities
     are smooth over 4+ voxels, so this loses nothing measurable and costs an eighth."""
@@ -460,8 +470,8 @@ class PairGenerator:
             torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)[None]
         deformation = exponential(velocity)
         generating = compose(deformation, affine_displacement(matrix, shape))
-        displacement = compose(affine_displacement(invert_affine(matrix), shape),
-                               exponential(-velocity))
+        deformable = exponential(-velocity)  # the ground truth without its affine part
+        displacement = compose(affine_displacement(invert_affine(matrix), shape), deformable)
 
         # intensities (a second random stream)
         multimodal = float(_uniform(intensity)) < config.contrast_probability \
@@ -486,14 +496,18 @@ class PairGenerator:
             fixed = augment_intensity(fixed_clean, fixed_noise, config)
             moving = augment_intensity(moving_clean, moving_noise, config)
         tensors = [fixed, moving, fixed_labels.long(), moving_labels.long(), displacement,
-                   generating, fixed_clean, moving_clean, moving_source]
+                   generating, fixed_clean, moving_clean, moving_source, deformable]
         if window is not None:  # cut the margin away: content moved in from outside is real
             inner = (slice(None), slice(None)) + tuple(
                 slice(config.crop_margin, config.crop_margin + n) for n in config.crop_shape)
             tensors = [t[inner].contiguous() for t in tensors]
+        deformable = tensors.pop()
         info = {"index": int(index), "stream": int(stream), "factor": factor,
                 "affine": matrix[0].tolist(), "source": prepared.volume.name,
-                "max_gt_displacement_mm": float(tensors[4].abs().max()) * config.spacing_mm}
+                "max_gt_displacement_mm": float(tensors[4].abs().max()) * config.spacing_mm,
+                # the non-affine part of the truth inside the anatomy: what a deformable
+                # network must learn beyond the pose (recipes are calibrated on it)
+                **deformable_statistics(deformable, tensors[2], config.spacing_mm)}
         if window is not None:
             info["window_start"] = window
         return Pair(*tensors, prepared.volume.name, multimodal, info)
@@ -530,15 +544,20 @@ class PairGenerator:
             yield self.batch_number(number, batch_size, cycle)
             number += 1
 
-    def validation_pairs(self, count: int = 6) -> List[Pair]:
+    def validation_pairs(self, count: int = 6, affine: bool = True) -> List[Pair]:
         """Fixed held-out cases: the validation stream with its own seed (the same cases for
         every training seed), sources in turn, deformation strength rising from 30% to 100%,
         every third case multi-modal; on windows of ``crop_shape`` when the generator trains on
-        windows (a whole 2 mm canvas costs minutes per validation on a CPU)."""
+        windows (a whole 2 mm canvas costs minutes per validation on a CPU). ``affine=False``:
+        the same cases without their residual affine, so the ground truth is the deformation
+        alone (with it, the pose dominates the error and hides what the deformable part does)."""
         pairs = []
         for n in range(count):
             strength = 0.3 + 0.7 * n / max(count - 1, 1)
+            config = self.config.scaled(strength)
+            if not affine:
+                config = replace(config, affine_probability=0.0)
             pairs.append(self.pair(n, VALIDATION, seed=VALIDATION_SEED,
                                    contrast=(n % 3 == 2), source=n % len(self.volumes),
-                                   config=self.config.scaled(strength)))
+                                   config=config))
         return pairs

@@ -499,6 +499,10 @@ def train(options: TrainOptions) -> Dict:
     first_fine_step = stages[-1]["steps"] if stages else 0
     validation = generator.validation_pairs(options.val_cases)
     baseline = identity_metrics(validation, spacing)
+    # the same cases without their residual affine: what the deformable part achieves (logged
+    # and kept in the card; the choice of the best step stays with the cases above)
+    deformable_validation = generator.validation_pairs(options.val_cases, affine=False)
+    deformable_baseline = identity_metrics(deformable_validation, spacing)
     # during a coarse stage the network is validated where it trains (the same cases on the
     # stage's grid), so the log shows its progress; only working-grid results compete for "best"
     stage_validation = [g.validation_pairs(options.val_cases) for g in stage_generators]
@@ -529,6 +533,8 @@ def train(options: TrainOptions) -> Dict:
         log(f"curriculum: then {spacing} mm"
             + (f" on {tuple(synth.crop_shape)} windows" if synth.crop_shape else ""))
     log(f"validation: {len(validation)} cases (seed {VALIDATION_SEED}); identity {_fmt(baseline)}")
+    log(f"deformable validation (the same cases without their affine part): identity "
+        f"{_fmt(deformable_baseline)}")
     for stage, pairs in zip(stages, stage_validation):
         log(f"validation at {stage['spacing_mm']} mm (coarse stage): identity "
             f"{_fmt(identity_metrics(pairs, stage['spacing_mm']))}")
@@ -560,6 +566,8 @@ def train(options: TrainOptions) -> Dict:
             "validation": {"cases": len(validation), "seed": VALIDATION_SEED, "step": at_step,
                            "metrics": metrics, "identity": baseline, "history": history,
                            "sources": list(generator.names)},
+            "deformable_validation": {"identity": deformable_baseline,
+                                      "metrics": deformable_metrics},
             "unseen_validation": {"sources": list(unseen_generator.names),
                                   "identity": unseen_baseline,
                                   "metrics": unseen_metrics} if unseen else None,
@@ -568,10 +576,10 @@ def train(options: TrainOptions) -> Dict:
             "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
         }
 
-    unseen_metrics = None
+    unseen_metrics = deformable_metrics = None
 
     def run_validation(at_step: int) -> None:
-        nonlocal best, unseen_metrics
+        nonlocal best, unseen_metrics, deformable_metrics
         for stage, pairs in zip(stages, stage_validation):
             if at_step < stage["steps"]:
                 metrics = validate(network, pairs, loss_fn, spec, config, stage["spacing_mm"])
@@ -581,6 +589,10 @@ def train(options: TrainOptions) -> Dict:
         metrics = validate(network, validation, loss_fn, spec, config, spacing)
         history.append(dict(metrics, step=at_step, spacing_mm=spacing))
         log(f"step {at_step}: validation {_fmt(metrics)}")
+        deformable_metrics = validate(network, deformable_validation, loss_fn, spec, config,
+                                      spacing)
+        history[-1]["deformable"] = deformable_metrics
+        log(f"step {at_step}: deformable validation {_fmt(deformable_metrics)}")
         if unseen:
             unseen_metrics = validate(network, unseen_validation, loss_fn, spec, config, spacing)
             history[-1]["unseen"] = unseen_metrics
