@@ -394,3 +394,23 @@ def test_the_general_recipe_deforms_in_the_inter_subject_range():
     current, first = _deformable_means(RECIPES["general"]), _deformable_means(RECIPES["general-v1"])
     assert np.median(first) < 1.0
     assert np.all(current > 3.0 * first) and current.max() > 3.0
+
+
+def test_still_pairs_have_no_motion_and_leave_the_other_pairs_unchanged():
+    config = SynthConfig(spacing_mm=8.0, contrast_probability=0.0, rotation_degrees=8.0)
+    plain = PairGenerator([coronal_blobs()], config, seed=5)
+    still = PairGenerator([coronal_blobs()], dataclasses.replace(config, still_probability=0.5),
+                          seed=5)
+    kinds = []
+    for index in range(6):
+        a, b = plain.pair(index), still.pair(index)
+        if float(b.displacement.abs().max()) == 0.0:
+            kinds.append("still")
+            assert torch.equal(b.moving_labels, b.fixed_labels)
+            assert torch.equal(b.fixed_labels, a.fixed_labels)   # the same subject
+            assert not torch.equal(b.moving, b.fixed)             # each image its own noise
+        else:
+            kinds.append("moved")
+            assert torch.equal(a.displacement, b.displacement)
+            assert torch.equal(a.moving, b.moving)
+    assert "still" in kinds and "moved" in kinds

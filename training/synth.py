@@ -89,6 +89,10 @@ class SynthConfig:
     framing_shift_mm: float = 0.0      # anatomy off-centre on the canvas by up to this much
     partial_coverage_probability: float = 0.0  # per image: a slab at one side cut to zero
     partial_coverage_max: float = 0.2  # largest share of an axis cut
+    # share of "still" pairs: no deformation and no affine, only each image's own acquisition
+    # effects -- so a network learns to return nothing where nothing moved (drawn last, and only
+    # when non-zero, so every other pair stays what it was)
+    still_probability: float = 0.0
     thick_slice_probability: float = 0.0  # per image: one axis blurred and resampled thick
     thick_slice_factor: Tuple[float, float] = (2.0, 5.0)
     sharpen_probability: float = 0.0   # per image: unsharp masking (single-subject sharpness)
@@ -468,6 +472,9 @@ class PairGenerator:
         use_affine = float(_uniform(geometry)) < config.affine_probability
         matrix = random_affine(geometry, config) if use_affine else \
             torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)[None]
+        if config.still_probability and float(_uniform(geometry)) < config.still_probability:
+            velocity = torch.zeros_like(velocity)
+            matrix = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)[None]
         deformation = exponential(velocity)
         generating = compose(deformation, affine_displacement(matrix, shape))
         deformable = exponential(-velocity)  # the ground truth without its affine part
