@@ -139,8 +139,8 @@ def main(argv=None) -> int:
         "invertibility loss and its weight differ (on the paper's unnormalised sum; 1e-3 is the "
         "paper's). Model cards and training logs beside this file.",
         "",
-        "| run | steps | training s | validation Dice | validation GT error mm | validation "
-        "identity Dice / GT error mm |",
+        "| run | kept step (best validation) | training s to it | validation Dice | validation GT "
+        "error mm | validation identity Dice / GT error mm |",
         "|---|---|---|---|---|---|",
     ]
     for label, run in runs.items():
