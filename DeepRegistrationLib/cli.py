@@ -84,8 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     def common(sub):
-        sub.add_argument("--refine", type=int, default=0, metavar="N",
-                         help="instance-optimisation steps after the method (default 0)")
+        sub.add_argument("--refine", default="0", metavar="N|AxB",
+                         help="instance-optimisation steps after the method (default 0): a "
+                              "total, or A steps on the half grid and B on the full grid")
         sub.add_argument("--similarity", metavar="NAME",
                          help="similarity: lncc (same modality, default), mind (multi-modal), "
                               "ncc, mse, ngf, mi (mutual information, multi-modal)")
@@ -167,7 +168,7 @@ def _validate_request(args) -> None:
     refused request costs no waiting and leaves no folder behind."""
     import math
 
-    from .engine import resolve_device
+    from .engine import refine_schedule, resolve_device
     from .losses import SIMILARITIES
     from .methods import get_method
     from .outputs import check_output_folder
@@ -185,8 +186,7 @@ def _validate_request(args) -> None:
         choices = ", ".join(spec.variants) if spec.variants else "none (it has no variants)"
         raise UserInputError(f"method '{spec.name}' has no variant '{args.variant}'; choose from "
                              f"{choices}")
-    if args.refine < 0:
-        raise UserInputError(f"--refine must be 0 or more, not {args.refine}")
+    refine_schedule(args.refine)  # refused here, before anything is read or created
     if args.regularization is not None and not (math.isfinite(args.regularization)
                                                 and args.regularization >= 0):
         raise UserInputError(f"--regularization must be a number >= 0, not {args.regularization}")

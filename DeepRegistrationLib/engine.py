@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import SimpleITK as sitk
 import torch
@@ -24,7 +24,13 @@ from .methods import RegistrationInputs, get_method
 from .methods.instance_optimisation import instance_optimisation
 from .progress import CancelCallback, ProgressCallback, ProgressScope
 
-REFINE_LEVELS = 2  # refinement starts from a good field: two levels are enough
+# Refinement starts from a good field, so it works on two levels (half and full grid). A step on
+# the full grid costs about eight on the half grid, yet the full grid's steps are what reach io's
+# accuracy: on the `tuning` cases (never reported) only 40x20 of 40x20, 40x4, 30x3, 30x2, 20x2,
+# 20x1, 10x1 matched io's ground-truth error after vtn or vm-diff (1.62 vs 1.67 mm; the cheaper
+# ones 1.78-1.94), so --refine N keeps a third of its steps there
+# (benchmarks/refine_schedule.py, docs/benchmarks/refine-schedule/schedules.md).
+REFINE_FULL_SHARE = 1.0 / 3.0
 
 
 @dataclass
@@ -34,7 +40,7 @@ class RegistrationResult:
     displacement: torch.Tensor  # (1, 3, D, H, W), voxels of the fixed grid, (k, j, i) channels
     method: str
     similarity: str
-    refine: int
+    refine: int                  # instance-optimisation steps after the method, in all
     device: str
     runtime_seconds: float
     notes: List[str] = field(default_factory=list)
@@ -44,6 +50,7 @@ class RegistrationResult:
     # ``displacement`` is their composition x -> T(x + deformable(x)), the one total field
     alignment: Optional[GlobalAlignment] = None
     deformable: Optional[torch.Tensor] = None  # (1, 3, D, H, W), voxels of the fixed grid
+    refine_schedule: Tuple[int, int] = (0, 0)  # refinement steps on the half and the full grid
 
     def deformable_part(self) -> torch.Tensor:
         """The deformable field alone (the total field when there was no global stage)."""
@@ -69,7 +76,35 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return torch.device("cpu")
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: int = 0,
+def refine_schedule(refine: Union[int, str, Sequence[int]]) -> Tuple[int, int]:
+    """Refinement steps on the half grid and on the full grid, from ``--refine``: a total ``N``
+    (split by ``REFINE_FULL_SHARE``, at least one step on each level) or an explicit ``AxB``
+    (``"28x2"``, or a pair), as ANTs writes its iteration schedules. ``(0, 0)`` is no refinement.
+    Raises :class:`UserInputError` for anything else."""
+    text = str(refine).strip() if isinstance(refine, (str, int)) else None
+    try:
+        if text is None:  # a pair
+            parts = [int(v) for v in refine]
+        elif "x" in text.lower():
+            parts = [int(v) for v in text.lower().split("x")]
+        else:
+            total = int(text)
+            if total <= 0:
+                if total < 0:
+                    raise ValueError
+                return 0, 0
+            full = max(int(round(total * REFINE_FULL_SHARE)), 1) if total > 1 else 0
+            return total - full, full
+    except (TypeError, ValueError):
+        parts = None
+    if not parts or len(parts) != 2 or min(parts) < 0:
+        raise UserInputError(f"--refine must be a number of steps (0 or more) or steps on the "
+                             f"half and the full grid as AxB (e.g. 28x2), not '{refine}'")
+    return parts[0], parts[1]
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io",
+             refine: Union[int, str, Sequence[int]] = 0,
              similarity: Optional[str] = None, regularization: Optional[float] = None,
              device: Optional[str] = "cpu", progress: Optional[ProgressCallback] = None,
              cancel: Optional[CancelCallback] = None,
@@ -81,8 +116,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
     must then overlap physically). The method registers the globally aligned moving image and
     the result's ``displacement`` composes both (``alignment.compose_affine``).
 
-    ``refine`` adds that many instance-optimisation steps (split over two levels) starting from the
-    method's field. ``progress(fraction, stage, message)`` is called along the way; ``cancel()``
+    ``refine`` adds instance-optimisation steps on the half and the full grid starting from the
+    method's field (:func:`refine_schedule`: a total or ``AxB``).
+    ``progress(fraction, stage, message)`` is called along the way; ``cancel()``
     returning True stops the work with :class:`RegistrationCancelled`.
     """
     started = time.perf_counter()
@@ -95,8 +131,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
     if variant is not None and variant not in spec.variants:
         choices = ", ".join(spec.variants) if spec.variants else "none (it has no variants)"
         raise UserInputError(f"method '{method}' has no variant '{variant}'; choose from {choices}")
-    if refine < 0:
-        raise UserInputError(f"--refine must be 0 or more, not {refine}")
+    schedule = refine_schedule(refine)
     if initial not in INITIAL_MODES:
         raise UserInputError(f"unknown --initial '{initial}'; choose one of "
                              f"{', '.join(INITIAL_MODES)}")
@@ -126,26 +161,26 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io", refine: 
     spacing = tuple(float(s) for s in fixed.GetSpacing()[::-1])
     timings["prepare"] = time.perf_counter() - started
 
-    method_end = 0.7 if refine else 1.0
+    refining = sum(schedule) > 0
+    method_end = 0.7 if refining else 1.0
     inputs = RegistrationInputs(fixed_tensor, moving_tensor, spacing, similarity, regularization,
                                 scope.sub(global_end + 0.02, method_end), dict(options or {}),
                                 geometry=fixed)
     tic = time.perf_counter()
     displacement = spec.run(inputs, spec)
     timings["method"] = time.perf_counter() - tic
-    if refine:
+    if refining:
         tic = time.perf_counter()
-        first = max(refine * 2 // 3, 1)
         displacement = instance_optimisation(
             fixed_tensor, moving_tensor, displacement.detach(), similarity, regularization,
-            iterations=(first, max(refine - first, 1)), progress=scope.sub(method_end, 1.0))
+            iterations=schedule, progress=scope.sub(method_end, 1.0))
         timings["refine"] = time.perf_counter() - tic
     deformable = displacement.detach().cpu().float()
     total = deformable if alignment.is_identity else compose_affine(alignment.matrix, deformable,
                                                                     fixed)
     scope.report(1.0, "registered", f"{spec.name} finished")
     return RegistrationResult(fixed, moving, total, spec.name,
-                              similarity, int(refine), str(torch_device),
+                              similarity, sum(schedule), str(torch_device),
                               time.perf_counter() - started, timings=timings,
                               moving_on_fixed=moving_on_fixed, alignment=alignment,
-                              deformable=deformable)
+                              deformable=deformable, refine_schedule=schedule)

@@ -242,7 +242,8 @@ def summarise(result: RegistrationResult, warped: sitk.Image, determinant: np.nd
     moving_on_fixed = sitk.GetArrayViewFromImage(result.moving_in_fixed_frame())
     summary = {
         "method": result.method, "version": __version__, "device": result.device,
-        "refine": result.refine, "runtime_seconds": round(result.runtime_seconds, 3),
+        "refine": result.refine, "refine_schedule": list(result.refine_schedule),
+        "runtime_seconds": round(result.runtime_seconds, 3),
         "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "similarity_metric": "ncc", "optimised_similarity": result.similarity,
         "similarity_before": ncc(fixed_array, moving_on_fixed),

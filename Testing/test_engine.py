@@ -65,6 +65,26 @@ def test_refinement_starts_from_the_initial_field(pair):
     assert not torch.allclose(refined, coarse, atol=1e-2)
     result = engine.register(fixed, moving, "io", refine=12)
     assert result.refine == 12 and "refine" in result.timings
+    assert result.refine_schedule == engine.refine_schedule(12)
+    # an explicit schedule runs as given; none on the full grid upsamples the half grid's field
+    explicit = engine.register(fixed, moving, "io", refine="6x0")
+    assert explicit.refine == 6 and explicit.refine_schedule == (6, 0)
+    assert not torch.allclose(explicit.displacement, result.displacement, atol=1e-3)
+
+
+def test_refine_schedule_splits_a_total_and_reads_an_explicit_schedule():
+    share = engine.REFINE_FULL_SHARE
+    for total in (2, 7, 60, 301):
+        half, full = engine.refine_schedule(total)
+        assert half + full == total and half >= 1 and full >= 1
+        assert abs(full - total * share) <= 0.5 + 1e-9
+    assert engine.refine_schedule(0) == (0, 0) and engine.refine_schedule(1) == (1, 0)
+    assert engine.refine_schedule("28x2") == (28, 2) == engine.refine_schedule("28X2")
+    assert engine.refine_schedule("60") == engine.refine_schedule(60)
+    assert engine.refine_schedule((5, 0)) == (5, 0)
+    for bad in (-1, "-3", "3x", "x", "1x2x3", "ten", "3x-1", (1,), None):
+        with pytest.raises(UserInputError, match="--refine must be"):
+            engine.refine_schedule(bad)
 
 
 def test_progress_is_monotonic_and_cancel_stops(pair):

@@ -135,6 +135,29 @@ def test_seen_and_unseen_follow_the_model_card():
     assert any(s.deformation == "subject" and s.moving_source == "mni152" for s in specs)
 
 
+def test_tuning_cases_share_no_anatomy_or_seed_with_the_unseen_cases(monkeypatch):
+    installed = ["mni152", "pydeface", "itk-t1", "invesalius-ct"]
+    tuning, unseen = ev.case_specs("tuning", installed), ev.case_specs("unseen", installed)
+    assert {s.source for s in tuning}.isdisjoint({s.source for s in unseen})
+    assert {s.deformation for s in tuning} == {"bspline"}
+    assert ev.case_spacing("tuning") == ev.case_spacing("unseen")
+    # the seeds a case set draws: build_cases passes offset + position to build_case
+    class Drawn(Exception):
+        pass
+
+    def first_case(spec, spacing, index):
+        raise Drawn(index)
+
+    seen = {}
+    monkeypatch.setattr(ev, "build_case", first_case)
+    monkeypatch.setattr("training.data.available_sources", lambda: installed)
+    for which in ("tuning", "unseen"):
+        with pytest.raises(Drawn) as drawn:
+            ev.build_cases(which, "/nonexistent")
+        seen[which] = drawn.value.args[0]
+    assert seen["tuning"] >= ev.TUNING_INDEX_OFFSET > len(unseen) and seen["unseen"] == 0
+
+
 def test_tradeoff_averages_common_cases_and_suffixes_each_run(tmp_path):
     from training import tradeoff
 

@@ -96,12 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", required=True, metavar="DIR")
     evaluate.add_argument("--cases", default="small",
                           help="small | full | tiny | unseen (a real brain no shipped network "
-                               "trains on, independent B-spline warps, and a second subject)")
+                               "trains on, independent B-spline warps, and a second subject) | "
+                               "tuning (the same on another head and seeds, for choosing "
+                               "settings; never reported)")
     evaluate.add_argument("--options", default="{}",
                           help="JSON {method: options} passed to engine.register, e.g. "
                                "'{\"io\": {\"iterations\": [20, 10]}}'")
-    evaluate.add_argument("--refine", type=int, default=0,
-                          help="instance-optimisation steps after each network method")
+    evaluate.add_argument("--refine", default="0", metavar="N|AxB",
+                          help="instance-optimisation steps after each network method: a total, "
+                               "or A steps on the half grid and B on the full grid")
     evaluate.add_argument("--in-process", action="store_true",
                           help="run everything in this process (peak memory less meaningful)")
     evaluate.add_argument("--quiet", action="store_true")
@@ -171,8 +174,11 @@ def command_train(args) -> None:
 
 
 def command_evaluate(args) -> None:
+    from DeepRegistrationLib.engine import refine_schedule
+
     from .evaluate import EvaluateOptions, evaluate
 
+    refine_schedule(args.refine)  # a malformed schedule is refused before any case is built
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     peers = [n.strip() for n in args.peers.split(",") if n.strip()]
     table = evaluate(EvaluateOptions(methods=names, peers=peers, output=args.output,

@@ -10,7 +10,11 @@ ground truth (``training.synth``, its own seed), written as NIfTI under ``DIR/ca
   cosines (strong), a multi-modal MNI152 pair (label-driven contrast), and the head CT whose
   moving image lives on another grid (rotated direction cosines, anisotropic spacing);
 - ``full``: every installed source at 2 mm with deformations of 30%, 60% and 100% strength, plus
-  the other-grid and multi-modal variants of each source.
+  the other-grid and multi-modal variants of each source;
+- ``unseen``: the held-out real brain (itk-t1) under independent B-spline warps, and a second
+  subject;
+- ``tuning``: the same kind of cases as ``unseen`` on another head (pydeface) with their own
+  seeds, for choosing settings (e.g. the ``--refine`` schedule); never reported as results.
 
 Every method runs through ``DeepRegistrationLib.engine.register`` (a method without a checkpoint
 is skipped with a note) and every peer through ``training.peers`` (ANTs SyN, SimpleITK
@@ -52,7 +56,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -68,10 +72,11 @@ from DeepRegistrationLib.outputs import (displacement_field_image, displacement_
 
 EVALUATION_SEED = 777
 EVALUATION_STREAM = 2          # neither the training (0) nor the validation (1) stream
+TUNING_INDEX_OFFSET = 100      # tuning cases draw seeds no reported case uses
 METRICS = ("dice", "hd95", "gt_error_mm", "folding_percent", "folding_percent_strict", "sdlogj",
            "ncc", "seconds",
            "peak_mib")
-CASE_SETS = ("tiny", "small", "full", "unseen")
+CASE_SETS = ("tiny", "small", "full", "unseen", "tuning")
 
 
 # ----------------------------------------------------------------------------------- the cases
@@ -133,6 +138,14 @@ def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
             specs.append(CaseSpec("itk-t1-vs-mni152", "itk-t1", 0.0, deformation="subject",
                                   moving_source="mni152"))
         return specs
+    if which == "tuning":
+        # what `unseen` measures, on another head and other seeds: settings are chosen here
+        source = pick("pydeface", "mni152")
+        specs = [CaseSpec(f"{source}-bspline-{int(s * 10)}mm", source, s, deformation="bspline")
+                 for s in (3.5, 5.5, 7.5)]
+        specs.append(CaseSpec(f"{source}-bspline-other-grid", source, 5.5,
+                              deformation="bspline", other_grid=True))
+        return specs
     if which == "full":
         specs = []
         for source in installed:
@@ -145,7 +158,7 @@ def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
 
 
 def case_spacing(which: str) -> float:
-    return {"tiny": 8.0, "small": 3.0, "full": 2.0, "unseen": 2.0}[which]
+    return {"tiny": 8.0, "small": 3.0, "full": 2.0, "unseen": 2.0, "tuning": 2.0}[which]
 
 
 def other_grid(image: sitk.Image, spacing_factor=(1.1, 0.9, 1.25), angle: float = 0.35,
@@ -311,9 +324,10 @@ def build_cases(which: str, folder: str) -> List[Case]:
     from .data import available_sources
 
     spacing = case_spacing(which)
+    offset = TUNING_INDEX_OFFSET if which == "tuning" else 0
     cases = []
     for index, spec in enumerate(case_specs(which, available_sources())):
-        case = build_case(spec, spacing, index)
+        case = build_case(spec, spacing, offset + index)
         target = os.path.join(folder, "cases", case.name)
         os.makedirs(target, exist_ok=True)
         images = {"fixed": case.fixed, "moving": case.moving, "fixed_labels": case.fixed_labels,
@@ -464,7 +478,7 @@ class EvaluateOptions:
     output: str
     cases: str = "small"
     options: Dict = field(default_factory=dict)  # {method: engine options}
-    refine: int = 0
+    refine: Union[int, str] = 0  # engine.refine_schedule: a total or AxB
     subprocess: bool = True
     verbose: bool = True
 
@@ -657,8 +671,13 @@ def write_results(options: EvaluateOptions, cases: List[Case], rows: List[Dict],
             f"DeepRegistration {__version__}, torch {torch.__version__}, "
             f"SimpleITK {sitk.Version.VersionString()}, Python {platform.python_version()}, "
             f"{os.cpu_count()} CPU cores; peak memory: {memory}. Every metric is computed by "
-            "the same code from each tool's displacement field on the fixed grid.", "",
-            "## Summary (mean over cases)", "", summary, ""]
+            "the same code from each tool's displacement field on the fixed grid.", ""]
+    if options.refine not in (0, "0"):
+        from DeepRegistrationLib.engine import refine_schedule
+        half, full = refine_schedule(options.refine)
+        text += [f"Every trained network is followed by `--refine {options.refine}`: {half} "
+                 f"instance-optimisation steps on the half grid, {full} on the full grid.", ""]
+    text += ["## Summary (mean over cases)", "", summary, ""]
     anatomies = {r.get("anatomy") for r in rows} - {"-"}
     if anatomies:
         text += ["Anatomy, per trained network and case: *seen* = every source of the case is "
