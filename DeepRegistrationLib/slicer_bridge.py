@@ -511,7 +511,10 @@ def results_table_rows(summary: Mapping[str, Any],
         device = f" on {summary['device']}" if summary.get("device") else ""
         rows.append(("Runtime", f"{float(summary['runtime_seconds']):.1f} s{device}"))
     if "refine" in summary:
-        rows.append(("Refinement steps", _fmt(summary["refine"])))
+        schedule = summary.get("refine_schedule")
+        split = f" ({schedule[0]} on the half grid, {schedule[1]} on the full grid)" \
+            if schedule and summary["refine"] else ""
+        rows.append(("Refinement steps", f"{_fmt(summary['refine'])}{split}"))
     if "similarity_before" in summary or "similarity_after" in summary:
         metric = summary.get("similarity_metric") or "similarity"
         rows.append((f"Similarity ({metric}) before \u2192 after",

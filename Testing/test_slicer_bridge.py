@@ -331,6 +331,10 @@ def test_results_table_rows_full_summary():
     assert names.index("Dice white matter") < names.index("Dice label 10")  # numeric order
     assert names.index(bridge.FOLDING_STRICT_LABEL) < names.index(bridge.FOLDING_CENTRAL_LABEL)
     assert all(isinstance(value, str) for _, value in rows)
+    assert table["Refinement steps"] == "0"
+    refined = dict(bridge.results_table_rows(dict(FULL_SUMMARY, refine=33,
+                                                  refine_schedule=[30, 3]), {}))
+    assert refined["Refinement steps"] == "33 (30 on the half grid, 3 on the full grid)"
 
 
 def test_results_table_rows_partial_and_odd_values():
