@@ -351,9 +351,10 @@ SVF_SPEC = register_method(MethodSpec(
     name="r2net-svf",
     title="SVF-R2Net (U-Net velocity + shared Lipschitz residual blocks)",
     paper=PAPER,
-    description="A U-Net predicts an initial velocity on a 4 mm grid; 7 Lipschitz-continuous "
-                "residual blocks with shared weights (a stationary velocity) integrate it into "
-                "the displacement. One forward pass; add --refine for detail.",
+    description="A U-Net predicts an initial velocity on its checkpoint's grid (2 mm); 7 "
+                "Lipschitz-continuous residual blocks with shared weights (a stationary "
+                "velocity) integrate it into the displacement. One forward pass; add --refine "
+                "for detail.",
     run=run_network,
     build_network=build_network,
     config=dict(DEFAULT_CONFIG, stationary=True),
