@@ -81,20 +81,17 @@ def refine_schedule(refine: Union[int, str, Sequence[int]]) -> Tuple[int, int]:
     (split by ``REFINE_FULL_SHARE``, at least one step on each level) or an explicit ``AxB``
     (``"28x2"``, or a pair), as ANTs writes its iteration schedules. ``(0, 0)`` is no refinement.
     Raises :class:`UserInputError` for anything else."""
-    text = str(refine).strip() if isinstance(refine, (str, int)) else None
+    parts = None
     try:
-        if text is None:  # a pair
+        if isinstance(refine, (list, tuple)):
             parts = [int(v) for v in refine]
-        elif "x" in text.lower():
-            parts = [int(v) for v in text.lower().split("x")]
+        elif "x" in str(refine).lower():
+            parts = [int(v) for v in str(refine).lower().split("x")]
         else:
-            total = int(text)
-            if total <= 0:
-                if total < 0:
-                    raise ValueError
-                return 0, 0
-            full = max(int(round(total * REFINE_FULL_SHARE)), 1) if total > 1 else 0
-            return total - full, full
+            total = int(str(refine).strip())
+            if total >= 0:
+                full = max(int(round(total * REFINE_FULL_SHARE)), 1) if total > 1 else 0
+                return total - full, full
     except (TypeError, ValueError):
         parts = None
     if not parts or len(parts) != 2 or min(parts) < 0:

@@ -8,7 +8,7 @@ same machine state, io and each network alone, then each network followed by eve
 and writes the seconds/Dice trade-off (training.tradeoff) and the per-schedule means.
 
     python benchmarks/refine_schedule.py --methods vtn,vm-diff \\
-        --schedules 40x20,30x4,30x2,20x2,20x1,10x1 --output docs/benchmarks/refine-schedule
+        --schedules 40x20,40x4,30x3,30x2,20x2,20x1,10x1 --output docs/benchmarks/refine-schedule
 
 The decision rule: the default split is the one whose cheapest schedule reaches io's mean Dice
 *and* io's mean ground-truth error on these cases for every network (pydeface's label is the head
@@ -53,7 +53,7 @@ def means(folder: str, suffix: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="vtn,vm-diff")
-    parser.add_argument("--schedules", default="40x20,30x4,30x2,20x2,20x1,10x1")
+    parser.add_argument("--schedules", default="40x20,40x4,30x3,30x2,20x2,20x1,10x1")
     parser.add_argument("--cases", default="tuning")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
