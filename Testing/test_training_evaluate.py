@@ -1,6 +1,7 @@
 """Evaluation: our method and a peer on the same case, measured by the same code, written as
 results.md / results.csv / results.png."""
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -177,6 +178,7 @@ def test_tradeoff_averages_common_cases_and_suffixes_each_run(tmp_path):
     assert summary["vtn"]["dice"] == pytest.approx(0.6)
     assert summary["vtn +refine 60"]["seconds"] == pytest.approx(5.0)
     assert summary["identity"]["dice"] == pytest.approx(0.5)
+    assert math.isnan(summary["vtn"]["gt_error_mm"])  # a run without the column: nan, not 0
     assert tradeoff.main([str(tmp_path / "a"), f"{tmp_path / 'b'}=+refine 60",
                           "--output", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 1000

@@ -19,6 +19,12 @@ from typing import Dict, List, Tuple
 
 PEERS = {"ants": "ANTs SyN", "demons": "SimpleITK demons", "elastix": "elastix B-spline"}
 BASELINES = ("identity", "truth")
+# columns averaged besides Dice and seconds, where a run has them (nan when it does not)
+EXTRA_COLUMNS = ("gt_error_mm", "folding_percent_strict")
+
+
+def _number(value) -> float:
+    return float(value) if value not in (None, "", "nan") else float("nan")
 
 
 def read_runs(specs: List[str]) -> List[Dict]:
@@ -34,12 +40,14 @@ def read_runs(specs: List[str]) -> List[Dict]:
                     name = f"{name} {suffix.strip()}"
                 rows.append({"case": row["case"], "method": name, "kind": row["kind"],
                              "dice": float(row["dice"]), "seconds": float(row["seconds"]),
-                             "source": folder})
+                             "source": folder,
+                             **{key: _number(row.get(key)) for key in EXTRA_COLUMNS}})
     return rows
 
 
 def summarise(rows: List[Dict]) -> Tuple[List[str], Dict[str, Dict[str, float]]]:
-    """Per method: mean Dice and seconds over the cases every method finished."""
+    """Per method: mean Dice, seconds (and the :data:`EXTRA_COLUMNS`, nan where a case has none)
+    over the cases every method finished."""
     cases_of = defaultdict(set)
     for row in rows:
         cases_of[row["method"]].add(row["case"])
@@ -49,11 +57,15 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], Dict[str, Dict[str, float]]]
         picked = [r for r in rows if r["method"] == method and r["case"] in common]
         # a method evaluated in two runs (identity in every run): keep one value per case
         per_case = {r["case"]: r for r in picked}
-        summary[method] = {
-            "dice": sum(r["dice"] for r in per_case.values()) / len(per_case),
-            "seconds": sum(r["seconds"] for r in per_case.values()) / len(per_case),
-            "kind": picked[0]["kind"], "cases": len(per_case)}
+        summary[method] = {key: _mean([r.get(key, float("nan")) for r in per_case.values()])
+                           for key in ("dice", "seconds") + EXTRA_COLUMNS}
+        summary[method].update(kind=picked[0]["kind"], cases=len(per_case))
     return sorted(common), summary
+
+
+def _mean(values: List[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def plot(summary: Dict[str, Dict[str, float]], path: str, title: str) -> None:
