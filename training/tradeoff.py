@@ -99,6 +99,26 @@ def plot(summary: Dict[str, Dict[str, float]], path: str, title: str) -> None:
     plt.close(figure)
 
 
+def report(rows: List[Dict], runs: List[str], output: str,
+           title: str = "Dice against seconds (same cases, same machine)") -> Dict[str, Dict]:
+    """Write ``tradeoff.png`` and ``tradeoff.md`` for ``rows`` (of ``read_runs(runs)``) into
+    ``output``, print the table, and return the summary."""
+    cases, summary = summarise(rows)
+    os.makedirs(output, exist_ok=True)
+    plot(summary, os.path.join(output, "tradeoff.png"), title)
+    lines = [f"<!-- written by: python -m training.tradeoff {' '.join(runs)} "
+             f"--output {output} -->", "",
+             f"Mean over the {len(cases)} cases every method finished: {', '.join(cases)}.", "",
+             "| method | Dice | seconds |", "|---|---|---|"]
+    for method, values in sorted(summary.items(), key=lambda item: item[1]["seconds"]):
+        lines.append(f"| {PEERS.get(method, method)} | {values['dice']:.3f} | "
+                     f"{values['seconds']:.1f} |")
+    with open(os.path.join(output, "tradeoff.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]))
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.tradeoff",
                                      description=__doc__.split("\n\n")[0])
@@ -109,19 +129,7 @@ def main(argv=None) -> int:
     rows = read_runs(args.runs)
     if not rows:
         parser.error("no finished rows in those runs")
-    cases, summary = summarise(rows)
-    os.makedirs(args.output, exist_ok=True)
-    plot(summary, os.path.join(args.output, "tradeoff.png"), args.title)
-    lines = [f"<!-- written by: python -m training.tradeoff {' '.join(args.runs)} "
-             f"--output {args.output} -->", "",
-             f"Mean over the {len(cases)} cases every method finished: {', '.join(cases)}.", "",
-             "| method | Dice | seconds |", "|---|---|---|"]
-    for method, values in sorted(summary.items(), key=lambda item: item[1]["seconds"]):
-        lines.append(f"| {PEERS.get(method, method)} | {values['dice']:.3f} | "
-                     f"{values['seconds']:.1f} |")
-    with open(os.path.join(args.output, "tradeoff.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines[2:]))
+    report(rows, args.runs, args.output, args.title)
     return 0
 
 
