@@ -291,11 +291,38 @@ def _card_lines(item: dict) -> List[str]:
                 text += f" ({training['threads']} thread{'s' if training['threads'] != 1 else ''})"
         lines.append(text)
     command = str(card.get("command", "")).split()
-    if "--resume" in command[:-1]:  # the steps above continue an earlier run
+    total, runs = training.get("total_iterations"), training.get("runs") or 1
+    if runs > 1 and total is not None:  # the steps above continue earlier runs, all recorded
+        text = f"in total: {total} steps over {runs} runs"
+        if isinstance(training.get("total_wall_time_seconds"), (int, float)):
+            text += f", {training['total_wall_time_seconds'] / 3600:.1f} h wall time"
+        if not training.get("lineage_complete", True):
+            text += " (at least: an earlier run's record is incomplete)"
+        lines.append(text)
+    elif "--resume" in command[:-1]:  # the steps above continue an earlier run
         lines.append(f"continued from: {command[command.index('--resume') + 1]} (its steps "
                      "are not counted above)")
+    recipe = training.get("recipe")
+    unseen = card.get("unseen_validation") or {}
+    if isinstance(recipe, dict) and recipe.get("name"):
+        held_out = ", ".join(unseen.get("sources") or recipe.get("unseen") or []) or "none"
+        lines.append(f"recipe: {recipe['name']} (anatomy held out of training: {held_out})")
     validation = card.get("validation") or {}
-    before, after = validation.get("identity") or {}, validation.get("metrics") or {}
+    figures = _before_after(validation.get("identity") or {}, validation.get("metrics") or {})
+    if figures:
+        where = f"{validation.get('cases', '?')} synthetic cases"
+        if validation.get("step") is not None:
+            where += f", step {validation['step']}"
+        lines.append(f"validation ({where}; before -> after): {', '.join(figures)}")
+    figures = _before_after(unseen.get("identity") or {}, unseen.get("metrics") or {})
+    if figures:
+        lines.append(f"unseen-anatomy validation ({', '.join(unseen.get('sources') or [])}; "
+                     f"before -> after): {', '.join(figures)}")
+    return lines
+
+
+def _before_after(before: dict, after: dict) -> List[str]:
+    """Validation figures of a model card as 'Dice 0.690 -> 0.816', ... (what is recorded)."""
     figures = []
     for key, label, unit in (("dice", "Dice", ""), ("gt_error_mm", "GT error", " mm"),
                              ("folding_percent", "folding", " %"), ("sdlogj", "SDlogJ", "")):
@@ -304,12 +331,7 @@ def _card_lines(item: dict) -> List[str]:
             if isinstance(before.get(key), (int, float)):
                 shown = f"{label} {before[key]:.3f} -> {after[key]:.3f}{unit}"
             figures.append(shown)
-    if figures:
-        where = f"{validation.get('cases', '?')} synthetic cases"
-        if validation.get("step") is not None:
-            where += f", step {validation['step']}"
-        lines.append(f"validation ({where}; before -> after): {', '.join(figures)}")
-    return lines
+    return figures
 
 
 def command_methods(args) -> None:

@@ -379,7 +379,13 @@ def model_card_lines(card: Optional[Mapping[str, Any]]) -> List[Tuple[str, str]]
         lines.append(("Seen anatomy", "; ".join(seen)))
     training = card.get("training") if isinstance(card.get("training"), Mapping) else {}
     steps = training.get("run_iterations", training.get("iterations", card.get("iterations")))
-    if isinstance(steps, (int, float)) and not isinstance(steps, bool):
+    total, runs = training.get("total_iterations"), training.get("runs")
+    if isinstance(total, int) and isinstance(runs, int) and runs > 1:  # warm-started runs
+        text = f"{total} over {runs} runs"
+        if isinstance(training.get("total_wall_time_seconds"), (int, float)):
+            text += f" ({training['total_wall_time_seconds'] / 3600:.1f} h)"
+        lines.append(("Training steps", text))
+    elif isinstance(steps, (int, float)) and not isinstance(steps, bool):
         lines.append(("Training steps", f"{int(steps)}"))
     validation = card.get("validation") if isinstance(card.get("validation"), Mapping) else {}
     before = (validation.get("identity") or {}).get("dice") \
@@ -392,6 +398,14 @@ def model_card_lines(card: Optional[Mapping[str, Any]]) -> List[Tuple[str, str]]
         where = f" ({count} synthetic pairs)" if isinstance(count, int) else ""
         text = f"{_fmt(before, 2)} \u2192 {_fmt(after, 2)}" if before is not None else _fmt(after, 2)
         lines.append(("Validation Dice", text + where))
+    unseen = card.get("unseen_validation") if isinstance(card.get("unseen_validation"),
+                                                          Mapping) else {}
+    after = (unseen.get("metrics") or {}).get("dice")
+    if isinstance(after, (int, float)):
+        before = (unseen.get("identity") or {}).get("dice")
+        text = f"{_fmt(before, 2)} \u2192 {_fmt(after, 2)}" if before is not None else _fmt(after, 2)
+        held_out = ", ".join(str(n) for n in unseen.get("sources") or []) or "held-out anatomy"
+        lines.append(("Unseen-anatomy Dice", f"{text} ({held_out}, never trained on)"))
     if card.get("created"):
         lines.append(("Date", _date(card["created"])))
     return lines

@@ -373,7 +373,8 @@ def test_model_card_lines_from_a_shipped_card():
     """The curated lines against the card's own JSON values."""
     card = shipped_card("vm-diff")
     lines = dict(bridge.model_card_lines(card))
-    assert list(lines) == ["Trained on", "Seen anatomy", "Training steps", "Validation Dice", "Date"]
+    assert list(lines) == ["Trained on", "Seen anatomy", "Training steps", "Validation Dice",
+                           "Unseen-anatomy Dice", "Date"]
     sources = [s["name"] for s in card["data"]["sources"]]
     assert lines["Trained on"].startswith(", ".join(n.upper() if n == "mni152" else n for n in sources))
     assert "synthetic deformations" in lines["Trained on"]
@@ -382,7 +383,17 @@ def test_model_card_lines_from_a_shipped_card():
     assert lines["Training steps"] == str(card["training"]["run_iterations"])
     before, after = card["validation"]["identity"]["dice"], card["validation"]["metrics"]["dice"]
     assert lines["Validation Dice"].startswith(f"{before:.2g} \u2192 {after:.2g}")
+    unseen = card["unseen_validation"]
+    assert lines["Unseen-anatomy Dice"] == (
+        f"{unseen['identity']['dice']:.2g} \u2192 {unseen['metrics']['dice']:.2g} "
+        f"({', '.join(unseen['sources'])}, never trained on)")
     assert lines["Date"] == card["created"][:10]
+    # a warm-started checkpoint states the steps of its whole lineage, not its last run's
+    vtn = shipped_card("vtn")["training"]
+    assert vtn["runs"] > 1 and vtn["total_iterations"] > vtn["iterations"]
+    assert dict(bridge.model_card_lines(shipped_card("vtn")))["Training steps"] == (
+        f"{vtn['total_iterations']} over {vtn['runs']} runs "
+        f"({vtn['total_wall_time_seconds'] / 3600:.1f} h)")
     assert bridge.model_card_lines(None) == [] and bridge.model_card_lines({}) == []
     odd = dict(bridge.model_card_lines({"data": {"sources": [{"name": "scan7", "modality": "CT"}]},
                                         "validation": {"metrics": {"dice": 0.8}}}))

@@ -88,6 +88,35 @@ def test_resume_continues_where_the_run_stopped(trained):
     assert card["config"]["encoder"] == TINY["encoder"]  # the resumed run kept its network
 
 
+def test_a_warm_started_run_carries_the_cost_of_its_whole_lineage(trained, tmp_path):
+    """Continuing a checkpoint: the new card lists every earlier run and totals their steps and
+    wall time with its own, twice over (a warm start of a warm start), and ``deepreg methods``
+    prints the totals instead of 'its steps are not counted'."""
+    _, output, _ = trained
+    with open(os.path.splitext(output)[0] + ".json") as handle:
+        first = json.load(handle)["training"]
+    cards = []
+    for generation, start in enumerate([output, str(tmp_path / "second.pt")]):
+        cards.append(train(TrainOptions(
+            method="vm-diff", output=str(tmp_path / ("second.pt", "third.pt")[generation]),
+            iterations=2, sources=[tiny_volume()], seed=1, resume=start, val_every=0,
+            val_cases=1, lr=1e-3, batch_size=2, spacing_mm=8.0, config=TINY, synth=CALM, overfit=2,
+            progress=False)))
+    second, third = (card["training"] for card in cards)
+    lineage = third["warm_start"]["lineage"]
+    assert [run["sha256"] for run in lineage] == [sha256_of(output),
+                                                  sha256_of(str(tmp_path / "second.pt"))]
+    assert [run["iterations"] for run in lineage] == [first["iterations"], 2]
+    assert third["runs"] == 3 and third["lineage_complete"]
+    assert third["total_iterations"] == first["iterations"] + 2 + third["iterations"]
+    assert third["total_wall_time_seconds"] == pytest.approx(
+        first["wall_time_seconds"] + second["wall_time_seconds"] + third["wall_time_seconds"],
+        abs=0.2)
+    lines = cli._card_lines({"checkpoint": str(tmp_path / "third.pt"), "model_card": cards[1]})
+    assert f"in total: {third['total_iterations']} steps over 3 runs" in "\n".join(lines)
+    assert not any("not counted" in line for line in lines)
+
+
 def test_checkpoint_loads_through_the_command_line(trained, tmp_path, monkeypatch):
     folder, output, card = trained
     monkeypatch.setenv("DEEPREG_CHECKPOINTS", str(folder))

@@ -475,7 +475,8 @@ def train(options: TrainOptions) -> Dict:
                           "sha256": sha256_of(options.resume),
                           "trained_on": [s.get("name") for s in
                                          previous.get("data", {}).get("sources", [])],
-                          "iterations": previous.get("training", {}).get("iterations")}
+                          "iterations": previous.get("training", {}).get("iterations"),
+                          "lineage": training_lineage(previous, options.resume)}
         elif state.get("warm_start"):
             warm_start = state["warm_start"]
 
@@ -560,6 +561,8 @@ def train(options: TrainOptions) -> Dict:
                          "clean_similarity": clean_similarity,
                          "wall_time_seconds": round(elapsed, 1),
                          "seconds_per_step": round(elapsed / max(at_step, 1), 4),
+                         **lineage_totals((warm_start or {}).get("lineage") or [], at_step,
+                                          elapsed),
                          "device": "cpu", "threads": torch.get_num_threads(),
                          "torch_version": torch.__version__,
                          "python": platform.python_version()},
@@ -680,6 +683,51 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread (tests): nothing to install
         pass
+
+
+def _run_record(card: Dict, path: str) -> Dict:
+    """One training run as a lineage entry: what it was and what it cost (the kept step's)."""
+    training = card.get("training") or {}
+    recipe = training.get("recipe")
+    missing = {} if card else {"incomplete": "no model card beside the checkpoint"}
+    return {**missing, "checkpoint": os.path.basename(path), "sha256": card.get("sha256"),
+            "created": card.get("created"), "command": card.get("command"),
+            "iterations": training.get("iterations"),
+            "wall_time_seconds": training.get("wall_time_seconds"),
+            "recipe": recipe.get("name") if isinstance(recipe, dict) else None,
+            "sources": [s.get("name") for s in (card.get("data") or {}).get("sources") or []
+                        if isinstance(s, dict)]}
+
+
+def training_lineage(card: Dict, path: str) -> List[Dict]:
+    """Every run that produced the checkpoint at ``path`` (its model card ``card``), oldest
+    first, so a warm-started run's card can state the whole cost of its weights.
+
+    A card written before lineages were recorded knows only its own warm start's sha256 and
+    steps: that ancestor is entered with what is known and marked ``incomplete``."""
+    earlier = (card.get("training") or {}).get("warm_start") or {}
+    if isinstance(earlier.get("lineage"), list):
+        ancestors = list(earlier["lineage"])
+    elif earlier:
+        ancestors = [{"checkpoint": earlier.get("checkpoint"), "sha256": earlier.get("sha256"),
+                      "iterations": earlier.get("iterations"), "wall_time_seconds": None,
+                      "incomplete": "recorded only as a warm start: its own ancestry and "
+                                    "wall time are unknown"}]
+    else:
+        ancestors = []
+    return ancestors + [_run_record(card, path)]
+
+
+def lineage_totals(lineage: Sequence[Dict], iterations: int, seconds: float) -> Dict:
+    """Steps and wall time of the whole lineage plus this run's ``iterations`` and ``seconds``
+    (``None`` where an ancestor's are unknown; ``lineage_complete`` says whether any is)."""
+    steps = [run.get("iterations") for run in lineage] + [iterations]
+    times = [run.get("wall_time_seconds") for run in lineage] + [seconds]
+    known = lambda values: all(isinstance(v, (int, float)) for v in values)  # noqa: E731
+    return {"runs": len(lineage) + 1,
+            "total_iterations": int(sum(steps)) if known(steps) else None,
+            "total_wall_time_seconds": round(float(sum(times)), 1) if known(times) else None,
+            "lineage_complete": not any(run.get("incomplete") for run in lineage)}
 
 
 def _complete_card(path: str, history: List[Dict], step: int, elapsed: float,
