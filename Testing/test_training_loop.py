@@ -17,7 +17,7 @@ from DeepRegistrationLib.images import image_from_array
 from DeepRegistrationLib.methods import METHODS, get_method, load_network
 from DeepRegistrationLib.methods.base import sha256_of
 from training.data import Volume
-from training.train import TrainOptions, soft_dice_loss, train
+from training.train import TrainOptions, _ancestors, lineage_totals, soft_dice_loss, train
 
 TINY = {"encoder": [8, 16, 16, 16], "features": 8}
 CALM = {"contrast_probability": 0.0, "augment_probability": 0.0}
@@ -115,6 +115,13 @@ def test_a_warm_started_run_carries_the_cost_of_its_whole_lineage(trained, tmp_p
     lines = cli._card_lines({"checkpoint": str(tmp_path / "third.pt"), "model_card": cards[1]})
     assert f"in total: {third['total_iterations']} steps over 3 runs" in "\n".join(lines)
     assert not any("not counted" in line for line in lines)
+    # a warm start recorded before lineages were (an older resume state): counted, but flagged
+    older = lineage_totals(_ancestors({"sha256": "ab", "iterations": 3600}), 3000, 60.0)
+    assert older == {"runs": 2, "total_iterations": 6600, "total_wall_time_seconds": None,
+                     "lineage_complete": False}
+    older_card = {"checkpoint": "x.pt", "model_card": {"training": {"iterations": 3000,
+                                                                    **older}}}
+    assert "in total: 6600 steps over 2 runs (at least" in "\n".join(cli._card_lines(older_card))
 
 
 def test_checkpoint_loads_through_the_command_line(trained, tmp_path, monkeypatch):

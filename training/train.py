@@ -561,8 +561,7 @@ def train(options: TrainOptions) -> Dict:
                          "clean_similarity": clean_similarity,
                          "wall_time_seconds": round(elapsed, 1),
                          "seconds_per_step": round(elapsed / max(at_step, 1), 4),
-                         **lineage_totals((warm_start or {}).get("lineage") or [], at_step,
-                                          elapsed),
+                         **lineage_totals(_ancestors(warm_start), at_step, elapsed),
                          "device": "cpu", "threads": torch.get_num_threads(),
                          "torch_version": torch.__version__,
                          "python": platform.python_version()},
@@ -705,17 +704,21 @@ def training_lineage(card: Dict, path: str) -> List[Dict]:
 
     A card written before lineages were recorded knows only its own warm start's sha256 and
     steps: that ancestor is entered with what is known and marked ``incomplete``."""
-    earlier = (card.get("training") or {}).get("warm_start") or {}
-    if isinstance(earlier.get("lineage"), list):
-        ancestors = list(earlier["lineage"])
-    elif earlier:
-        ancestors = [{"checkpoint": earlier.get("checkpoint"), "sha256": earlier.get("sha256"),
-                      "iterations": earlier.get("iterations"), "wall_time_seconds": None,
-                      "incomplete": "recorded only as a warm start: its own ancestry and "
-                                    "wall time are unknown"}]
-    else:
-        ancestors = []
-    return ancestors + [_run_record(card, path)]
+    return _ancestors((card.get("training") or {}).get("warm_start")) + [_run_record(card, path)]
+
+
+def _ancestors(warm_start: Optional[Dict]) -> List[Dict]:
+    """The runs before this one: the warm start's lineage, or (a warm start recorded before
+    lineages were, e.g. in an older resume state) what is known of it, marked incomplete."""
+    warm_start = warm_start or {}
+    if isinstance(warm_start.get("lineage"), list):
+        return list(warm_start["lineage"])
+    if warm_start:
+        return [{"checkpoint": warm_start.get("checkpoint"), "sha256": warm_start.get("sha256"),
+                 "iterations": warm_start.get("iterations"), "wall_time_seconds": None,
+                 "incomplete": "recorded only as a warm start: its own ancestry and wall time "
+                               "are unknown"}]
+    return []
 
 
 def lineage_totals(lineage: Sequence[Dict], iterations: int, seconds: float) -> Dict:
