@@ -362,3 +362,35 @@ def test_trainer_runs_the_phases_and_keeps_a_checkpoint(tmp_path):
         assert f"level {level}.0000 frozen {frozen}.0000" in line, line
     network = load_network(get_method("mmln"), path=output)
     assert isinstance(network, mmln.MMLN) and network.levels[0].bound == 4.0
+
+
+def test_uncoupled_control_trains_the_pyramid_exactly_as_the_pyramid_alone(tmp_path, monkeypatch):
+    """The negative control's branches get no gradient into the pyramid, and the trainer clips
+    them apart (``clip_groups``): trained with the same seed, ``L`` and ``LCD-uncoupled`` end
+    with the same deployed weights. The clip norm is made tiny so that clipping acts at every
+    step: clipped as one group, the branches' gradients would shrink the pyramid's steps."""
+    import training.train as trainer
+    from training.data import Volume
+    from DeepRegistrationLib.images import image_from_array
+
+    monkeypatch.setattr(trainer, "GRADIENT_CLIP_NORM", 1e-3)
+    array = blob_volume((36, 40, 36), seed=5, blobs=18)
+    image = make_image(array, spacing=(4.0,) * 3, origin=(-70.0, -80.0, -70.0))
+    labels = np.digitize(array, [0.3, 0.7]).astype(np.int32)
+    volume = Volume("blobs", image, image_from_array(labels, image), {1: "low", 2: "high"},
+                    "T1", "test blobs")
+    deployed = {}
+    for variant, coupling in (("L", "coupled"), ("LCD", "uncoupled"), ("LCD", "coupled")):
+        output = str(tmp_path / f"{variant}-{coupling}.pt")
+        config = {"width": 4, "residual_blocks": 1, "phases": [1, 1, 1], "freeze_fraction": 0.2,
+                  "variant": variant, "coupling": coupling}
+        trainer.train(trainer.TrainOptions(
+            method="mmln", output=output, iterations=6, sources=[volume], seed=0, val_every=0,
+            val_cases=1, spacing_mm=8.0, config=config, coarse_spacing_mm=0.0,
+            synth={"contrast_probability": 0.0}, progress=False))
+        network = load_network(get_method("mmln"), path=output)
+        deployed[(variant, coupling)] = torch.cat([p.detach().flatten()
+                                                   for p in network.levels.parameters()])
+    assert torch.equal(deployed[("L", "coupled")], deployed[("LCD", "uncoupled")])
+    # while the coupled branches do change the pyramid (the test can tell the difference)
+    assert not torch.equal(deployed[("L", "coupled")], deployed[("LCD", "coupled")])

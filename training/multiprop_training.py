@@ -158,8 +158,10 @@ def hypergradient(network: MultiProp, optimiser: torch.optim.Optimizer, fixed: t
     """``(dF/dlambda (n,), F(w1))`` for the step the trainer is about to take.
 
     Expects the trainer's state between clipping and the step: ``p.grad`` holds the clipped
-    gradient of ``sum_i lambda_i l_i`` on (``fixed``, ``moving``). The network's parameters and
-    gradients are left exactly as they were. ``fd_step``: the step ``r`` of the finite-difference
+    gradient of the trainer's loss on (``fixed``, ``moving``) -- ``sum_i lambda_i l_i`` plus any
+    terms without a tuned weight (a recipe's guidance) -- and ``batch["gradient_norms"]`` its
+    unclipped norm (the trainer's). The network's parameters and gradients are left exactly as
+    they were. ``fd_step``: the step ``r`` of the finite-difference
     method.
     """
     if method not in HYPERGRADIENTS:
@@ -184,32 +186,31 @@ def hypergradient(network: MultiProp, optimiser: torch.optim.Optimizer, fixed: t
     # dF/dg_clipped: the chain through Adam's step
     through_step = [j * g for j, g in zip(jacobian, grad_upper)]
 
-    # the unclipped gradient g(w0) and its terms' inner products with the two directions
-    terms = multiprop.lower_terms(network, fixed, moving, batch)
-    lam0 = weights.tensor().detach()
-    if method == "unrolled":
+    # the trainer clipped g (the gradient of its whole loss: the weighted terms plus any
+    # lambda-free guidance) to g_c = c g, c = min(1, clip / |g|): g_c has g's direction, and c
+    # comes from the unclipped norm the trainer hands over
+    norms = batch.get("gradient_norms")
+    if not norms or len(norms) != 1:
+        raise ValueError("the hypergradient needs the trainer's unclipped gradient norm of its "
+                         "one clip group, batch['gradient_norms']")
+    length = _norm(clipped)
+    unit = [g / length.clamp_min(1e-30) for g in clipped]
+    scale = float(length) / max(float(norms[0]), 1e-30)
+    along_gradient = None
+    if method == "unrolled":  # each weighted term's gradient at w0, by autograd
+        terms = multiprop.lower_terms(network, fixed, moving, batch)
         term_gradients = []
-        for index, name in enumerate(names):
+        for name in names:
             found = torch.autograd.grad(terms[name], parameters, retain_graph=True,
                                         allow_unused=True)
             term_gradients.append([torch.zeros_like(p) if g is None else g
                                    for p, g in zip(parameters, found)])
         del terms
-        full = [sum(float(lam0[i]) * grads[k] for i, grads in enumerate(term_gradients))
-                for k in range(len(parameters))]
         along_step = torch.stack([_dot(grads, through_step) for grads in term_gradients])
-        unit = [g / _norm(full).clamp_min(1e-30) for g in full]
         along_gradient = torch.stack([_dot(grads, unit) for grads in term_gradients])
     else:
-        total = sum(float(lam0[i]) * terms[name] for i, name in enumerate(names))
-        full = [torch.zeros_like(p) if g is None else g for p, g in
-                zip(parameters, torch.autograd.grad(total, parameters, allow_unused=True))]
-        del terms, total
         along_step = directional_derivatives(network, parameters, fixed, moving, batch,
                                              through_step, fd_step)
-        unit = [g / _norm(full).clamp_min(1e-30) for g in full]
-        along_gradient = None
-    scale = float(_norm(clipped) / _norm(full).clamp_min(1e-30))
     if scale < CLIPPED:  # g_c = c g: dg_c/dlambda_i = c (grad l_i - u <u, grad l_i>), u = g/|g|
         if along_gradient is None:
             along_gradient = directional_derivatives(network, parameters, fixed, moving, batch,

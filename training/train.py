@@ -41,10 +41,15 @@ A mapping read by :func:`loss_terms`:
 ``"synth"``: defaults for ``SynthConfig`` fields (``--synth`` overrides them), e.g. no
     second-contrast pairs for a method trained with a same-contrast similarity.
 ``"loss_fn"``: a callable that replaces all of the above (see below).
+``"clip_groups"``: ``clip_groups(network) -> [parameters, ...]``: groups whose gradient norms
+    are clipped (at 10) each on its own; default one group, every parameter. A network with
+    training-only parts (MMLN's branches) clips them apart from the deployed network, so their
+    gradients never rescale its step.
 ``"before_step"``: ``before_step(network, optimiser, batch) -> terms or None``, called after the
     gradient is clipped and before ``optimiser.step()`` (e.g. a bilevel upper level that moves
     loss weights kept in the network's buffers); ``batch["generator"]`` is the batch's
-    ``PairGenerator``, for pairs of its own from another stream; returned terms are logged.
+    ``PairGenerator``, for pairs of its own from another stream; ``batch["gradient_norms"]`` the
+    unclipped norm of each clip group; returned terms are logged.
 ``"card"``: ``card(network) -> dict`` merged into the model card (e.g. the loss weights).
 
 The special-loss hook: ``spec.training["loss_fn"]``
@@ -108,7 +113,8 @@ REGULARISERS = {
     "negative_jacobian": losses.negative_jacobian_loss,
 }
 RESERVED_KEYS = {"similarity", "dice", "lr", "batch_size", "loss_fn", "curriculum", "synth",
-                 "before_step", "card"}
+                 "before_step", "card", "clip_groups"}
+GRADIENT_CLIP_NORM = 10.0
 # the default coarse-to-fine curriculum (``MethodSpec.training["curriculum"]`` overrides it).
 # Measured on MNI152 pairs (vm-diff, LNCC): batch 1 at 4 mm stayed at the identity for 400+ steps
 # (the field of a random pair is mostly an affine the network must first learn to see, and one
@@ -552,7 +558,7 @@ def train(options: TrainOptions) -> Dict:
                          "batch_size": batch_size, "lr": lr, "optimiser": "Adam",
                          "schedule": "linear warm-up 5%, constant to 50%, half-cosine decay "
                                      "to 0.1 x lr",
-                         "gradient_clip_norm": 10.0, "seed": options.seed,
+                         "gradient_clip_norm": GRADIENT_CLIP_NORM, "seed": options.seed,
                          "curriculum": stages,
                          "warm_start": warm_start,
                          "recipe": recipe.describe() if recipe else None,
@@ -634,7 +640,7 @@ def train(options: TrainOptions) -> Dict:
             total, terms = loss_fn(network, batch["fixed"], batch["moving"], batch)
             optimiser.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
+            batch["gradient_norms"] = clip_gradients(network, spec)
             if callable(spec.training.get("before_step")):
                 terms = dict(terms, **(spec.training["before_step"](network, optimiser, batch)
                                        or {}))
@@ -682,6 +688,15 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread (tests): nothing to install
         pass
+
+
+def clip_gradients(network: torch.nn.Module, spec: MethodSpec) -> List[float]:
+    """Clip the gradient norm of each of the method's clip groups (``clip_groups``; default all
+    parameters as one) at :data:`GRADIENT_CLIP_NORM`; returns the unclipped norms."""
+    groups = spec.training.get("clip_groups")
+    groups = groups(network) if callable(groups) else [network.parameters()]
+    return [float(torch.nn.utils.clip_grad_norm_(list(group), GRADIENT_CLIP_NORM))
+            for group in groups]
 
 
 def _run_record(card: Dict, path: str) -> Dict:

@@ -355,6 +355,19 @@ class MMLN(nn.Module):
                 "displacement": displacement, "warped": warp_core(moving, displacement, region)}
 
 
+def clip_groups(network: MMLN) -> List[List[nn.Parameter]]:
+    """The trainer clips the deployed pyramid's gradient apart from the training-only branches'
+    (2-D branch, the uncoupled control's core copy): clipped together, a branch's gradient would
+    shrink the pyramid's step, and the uncoupled control would no longer train the pyramid
+    exactly as ``L`` does."""
+    branches = [module for module in (network.slice_levels, network.core_level)
+                if module is not None]
+    groups = [list(network.levels.parameters())]
+    if branches:
+        groups.append([p for module in branches for p in module.parameters()])
+    return groups
+
+
 def build_network(config: Dict) -> MMLN:
     config = dict(DEFAULT_CONFIG, **(config or {}))
     return MMLN(config["variant"], config["coupling"], config["width"],
@@ -550,7 +563,7 @@ SPEC = register_method(MethodSpec(
     # the pyramid's phases are the curriculum: no coarse first stage on another grid (it would
     # train level 1 on 16 mm voxels and deploy it on 8 mm ones)
     training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 1,
-              "curriculum": None},
+              "curriculum": None, "clip_groups": clip_groups},
     # the network's CPU seconds on a 2 mm MNI152 pair (docs/methods/mmln/speed_width12.json):
     # its wall time on an idle 2-core machine is not longer; other grids not measured yet
     estimated_seconds={"2mm": 2.5},
