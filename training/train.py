@@ -98,8 +98,8 @@ from DeepRegistrationLib.errors import UserInputError
 from DeepRegistrationLib.methods import get_method, save_checkpoint
 from DeepRegistrationLib.methods.base import (MethodSpec, read_checkpoint, read_model_card,
                                           scored_pair, sha256_of)
-from DeepRegistrationLib.metrics import (dice, folding_percent, jacobian_determinant_map, ncc,
-                                         sdlogj)
+from DeepRegistrationLib.metrics import (dice, folding_percent, folding_percent_strict,
+                                         jacobian_determinant_map, ncc, sdlogj)
 from DeepRegistrationLib.spatial import warp
 
 from .data import parse_sources
@@ -270,7 +270,8 @@ def validate(network: torch.nn.Module, pairs, loss_fn: LossFunction, spec: Metho
 
 def pair_metrics(pair, displacement: torch.Tensor, spacing_mm: float,
                  loss: Optional[float] = None) -> Dict[str, float]:
-    """Dice, folding, SDlogJ, NCC and ground-truth error of one synthetic pair's field."""
+    """Dice, folding (central differences and the strict one-sided measure), SDlogJ, NCC and
+    ground-truth error of one synthetic pair's field."""
     fixed_labels = pair.fixed_labels[0, 0].numpy()
     warped_labels = warp(pair.moving_labels.float(), displacement, mode="nearest",
                          padding_mode="zeros")[0, 0].long().numpy()
@@ -281,6 +282,7 @@ def pair_metrics(pair, displacement: torch.Tensor, spacing_mm: float,
     warped = warp(pair.moving, displacement)[0, 0].numpy()
     row = {"dice": float(np.mean(list(overlap.values()))) if overlap else float("nan"),
            "folding_percent": folding_percent(determinant),
+           "folding_percent_strict": folding_percent_strict(displacement),
            "sdlogj": sdlogj(determinant),
            "ncc": ncc(pair.fixed[0, 0].numpy(), warped),
            "gt_error_mm": float(error.mean()) if error.size else float("nan")}
