@@ -210,3 +210,30 @@ def test_curves_read_every_grid_and_its_identity_from_a_training_log(tmp_path):
     assert run["curves"]["2.0"][0][0] == 250 and run["curves"]["unseen"][0][1]["dice"] == 0.55
     assert curves.main([str(log), "--output", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_unseen_cases_take_another_subject_and_never_fall_back_to_seen_anatomy(tmp_path):
+    """--unseen-source: leave-one-source-out with an installed source, or a user's own image
+    (case names from its file name; a bspline case built from it carries its path as the case's
+    source, so every network's card marks it unseen). Without the held-out itk-t1 the set is
+    refused instead of quietly built on anatomy the networks were trained on."""
+    installed = ["mni152", "pydeface"]
+    with pytest.raises(UserInputError, match="'itk-t1' source, which is not installed"):
+        ev.case_specs("unseen", installed)
+    specs = ev.case_specs("unseen", installed, "pydeface")
+    assert {s.source for s in specs} == {"pydeface"}
+    assert not any(s.deformation == "subject" for s in specs)  # labels of two subjects: itk-t1 only
+    with pytest.raises(UserInputError, match="neither a data source"):
+        ev.case_specs("unseen", installed, str(tmp_path / "missing.nii.gz"))
+    with pytest.raises(UserInputError, match="--cases unseen only"):
+        ev.case_specs("small", installed, "pydeface")
+
+    from conftest import blob_volume, make_image
+    path = str(tmp_path / "my_scan.nii.gz")
+    sitk.WriteImage(make_image(blob_volume((30, 34, 30), seed=3, blobs=12), spacing=(4.0,) * 3),
+                    path)
+    specs = ev.case_specs("unseen", installed, path)
+    assert [s.name for s in specs][:2] == ["my_scan-bspline-35mm", "my_scan-bspline-55mm"]
+    case = ev.build_case(specs[0], 6.0, 0)
+    assert case.sources == (path,) and case.truth is not None
+    assert sitk.GetArrayFromImage(case.fixed_labels).max() > 0  # Otsu classes give Dice labels

@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                                "trains on, independent B-spline warps, and a second subject) | "
                                "tuning (the same on another head and seeds, for choosing "
                                "settings; never reported)")
+    evaluate.add_argument("--unseen-source", default=None, metavar="NAME|IMAGE",
+                          help="the subject of --cases unseen instead of itk-t1: a source a "
+                               "checkpoint was trained without (leave-one-source-out), or your "
+                               "own image file (labels: 3 Otsu classes in a head mask)")
     evaluate.add_argument("--options", default="{}",
                           help="JSON {method: options} passed to engine.register, e.g. "
                                "'{\"io\": {\"iterations\": [20, 10]}}'")
@@ -184,7 +188,8 @@ def command_evaluate(args) -> None:
     table = evaluate(EvaluateOptions(methods=names, peers=peers, output=args.output,
                                      cases=args.cases, options=_json_option(args.options,
                                                                             "--options"),
-                                     refine=args.refine, subprocess=not args.in_process,
+                                     refine=args.refine, unseen_source=args.unseen_source,
+                                     subprocess=not args.in_process,
                                      verbose=not args.quiet))
     print(table)
     print(f"results in {os.path.abspath(args.output)} (results.md, results.csv, results.png)")

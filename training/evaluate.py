@@ -108,8 +108,34 @@ class CaseSpec:
     moving_source: Optional[str] = None
 
 
-def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
-    """The case list for ``tiny`` / ``small`` / ``full`` given the installed sources."""
+# the anatomy every shipped checkpoint is trained without (training.recipes: held out)
+UNSEEN_SOURCE = "itk-t1"
+
+
+def _case_label(source: str) -> str:
+    """A case-name prefix for a source: its name, or a user image's file name without suffix."""
+    from .data import SOURCES
+
+    if source in SOURCES:
+        return source
+    name = os.path.basename(source)
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz"):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def case_specs(which: str, installed: Sequence[str],
+               unseen_source: Optional[str] = None) -> List[CaseSpec]:
+    """The case list for ``tiny`` / ``small`` / ``full`` / ``unseen`` / ``tuning`` given the
+    installed sources; ``unseen_source`` (a source name or an image file) replaces the held-out
+    ``itk-t1`` as the subject of the ``unseen`` cases (leave-one-source-out for a network trained
+    without another source, or a user's own scan)."""
+    from .data import SOURCES
+
+    if unseen_source is not None and which != "unseen":
+        raise UserInputError("--unseen-source chooses the subject of --cases unseen only")
+
     def pick(*preferred):
         for name in preferred:
             if name in installed:
@@ -126,13 +152,22 @@ def case_specs(which: str, installed: Sequence[str]) -> List[CaseSpec]:
                          other_grid=True)]
     if which == "unseen":
         # one real brain that no shipped network trains on (training.recipes: itk-t1 is held
-        # out), deformed by a family the training generator does not draw from, at 2 mm
-        source = pick("itk-t1", "pydeface", "mni152")
-        specs = [CaseSpec(f"{source}-bspline-{int(s * 10)}mm", source, s, deformation="bspline")
+        # out), deformed by a family the training generator does not draw from, at 2 mm. No
+        # fallback to another source: a case set on seen anatomy would be reported as unseen.
+        source = unseen_source or UNSEEN_SOURCE
+        if source not in installed and not os.path.isfile(source):
+            if source in SOURCES:
+                raise UserInputError(f"the unseen cases need the '{source}' source, which is not "
+                                     "installed: run training/install_data.sh, or choose "
+                                     "another subject with --unseen-source NAME|IMAGE")
+            raise UserInputError(f"--unseen-source '{source}' is neither a data source "
+                                 f"({', '.join(SOURCES)}) nor an image file")
+        label = _case_label(source)
+        specs = [CaseSpec(f"{label}-bspline-{int(s * 10)}mm", source, s, deformation="bspline")
                  for s in (3.5, 5.5, 7.5)]
-        specs.append(CaseSpec(f"{source}-bspline-other-grid", source, 5.5,
+        specs.append(CaseSpec(f"{label}-bspline-other-grid", source, 5.5,
                               deformation="bspline", other_grid=True))
-        specs.append(CaseSpec(f"{source}-bspline-multimodal", source, 5.5, multimodal=True,
+        specs.append(CaseSpec(f"{label}-bspline-multimodal", source, 5.5, multimodal=True,
                               deformation="bspline"))
         if source == "itk-t1" and "mni152" in installed:
             specs.append(CaseSpec("itk-t1-vs-mni152", "itk-t1", 0.0, deformation="subject",
@@ -319,14 +354,14 @@ def build_case(spec: CaseSpec, spacing_mm: float, index: int) -> Case:
                 spec.multimodal, description, sources=(spec.source,))
 
 
-def build_cases(which: str, folder: str) -> List[Case]:
+def build_cases(which: str, folder: str, unseen_source: Optional[str] = None) -> List[Case]:
     """Build (and write under ``folder/cases``) the evaluation cases."""
     from .data import available_sources
 
     spacing = case_spacing(which)
     offset = TUNING_INDEX_OFFSET if which == "tuning" else 0
     cases = []
-    for index, spec in enumerate(case_specs(which, available_sources())):
+    for index, spec in enumerate(case_specs(which, available_sources(), unseen_source)):
         case = build_case(spec, spacing, offset + index)
         target = os.path.join(folder, "cases", case.name)
         os.makedirs(target, exist_ok=True)
@@ -479,6 +514,7 @@ class EvaluateOptions:
     cases: str = "small"
     options: Dict = field(default_factory=dict)  # {method: engine options}
     refine: Union[int, str] = 0  # engine.refine_schedule: a total or AxB
+    unseen_source: Optional[str] = None  # the subject of the unseen cases (default itk-t1)
     subprocess: bool = True
     verbose: bool = True
 
@@ -536,7 +572,7 @@ def evaluate(options: EvaluateOptions) -> str:
     runs, notes = plan_runs(options)
     for note in notes:
         log(note)
-    cases = build_cases(options.cases, options.output)
+    cases = build_cases(options.cases, options.output, options.unseen_source)
     rows = []
     for case in cases:
         log(f"case {case.name}: {case.description}")
