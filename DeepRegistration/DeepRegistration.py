@@ -373,12 +373,18 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
         running = self.logic is not None and self.logic.isRunning()
+        # e.g. a network with mutual information and no refinement steps (the library's lists)
+        similarityProblem = p and bridge.similarity_problem(self._methodInfos.get(p.method, {}),
+                                                            p.similarity.value, p.refine)
         if running:
             self.ui.applyButton.enabled = False
             self.ui.applyButton.toolTip = _("A registration is running.")
         elif not p or not p.fixedVolume or not p.movingVolume:
             self.ui.applyButton.enabled = False
             self.ui.applyButton.toolTip = _("Select the fixed and the moving volume.")
+        elif similarityProblem:
+            self.ui.applyButton.enabled = False
+            self.ui.applyButton.toolTip = similarityProblem
         else:
             self.ui.applyButton.enabled = True
             self.ui.applyButton.toolTip = _("Register the moving volume onto the fixed volume.")
@@ -407,6 +413,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setMethods(methods)
             if self._parameterNode:
                 self._selectMethod(self._parameterNode.method)
+            self._checkCanApply()  # the similarities each method accepts are known now
         elif errorMessage:
             logging.warning(f"DeepRegistration: could not list the methods: {errorMessage}")
 

@@ -503,11 +503,13 @@ def _loss_of(levels: Sequence[_Level], matrix: np.ndarray, centre: np.ndarray,
 
 
 MULTIMODAL_SIMILARITIES = ("mind", "mi")
+# the measures the rigid / affine optimisation (and the moments' choice of axes) can run
+MEASURES = ("lncc", "mind")
 
 
 def _similarity_for(similarity: Optional[str]) -> str:
     """MIND for a multi-modal deformable stage (MIND, mutual information), local NCC for every
-    other similarity."""
+    other similarity (one of :data:`MEASURES`)."""
     return "mind" if similarity in MULTIMODAL_SIMILARITIES else "lncc"
 
 

@@ -89,7 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
                               "total, or A steps on the half grid and B on the full grid")
         sub.add_argument("--similarity", metavar="NAME",
                          help="similarity: lncc (same modality, default), mind (multi-modal), "
-                              "ncc, mse, ngf, mi (mutual information, multi-modal)")
+                              "ncc, mse, ngf, mi (mutual information, multi-modal); io optimises "
+                              "it, --refine optimises it after any method (a network without "
+                              "--refine takes only lncc or mind, the global alignment's measure)")
         sub.add_argument("--regularization", type=float, metavar="W",
                          help="weight of the smoothness term of instance optimisation")
         sub.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -168,25 +170,23 @@ def _validate_request(args) -> None:
     refused request costs no waiting and leaves no folder behind."""
     import math
 
-    from .engine import refine_schedule, resolve_device
+    from .engine import check_similarity, refine_schedule, resolve_device
     from .losses import SIMILARITIES
     from .methods import get_method
     from .outputs import check_output_folder
 
     spec = get_method(args.method)
-    if args.similarity is not None:
-        if args.similarity not in SIMILARITIES:
-            raise UserInputError(f"unknown similarity '{args.similarity}'; choose one of "
-                                 f"{', '.join(SIMILARITIES)}")
-        if args.similarity not in spec.similarities:
-            raise UserInputError(f"method '{spec.name}' does not support similarity "
-                                 f"'{args.similarity}'; choose one of "
-                                 f"{', '.join(spec.similarities)}")
+    if args.similarity is not None and args.similarity not in SIMILARITIES:
+        raise UserInputError(f"unknown similarity '{args.similarity}'; choose one of "
+                             f"{', '.join(SIMILARITIES)}")
     if args.variant is not None and args.variant not in spec.variants:
         choices = ", ".join(spec.variants) if spec.variants else "none (it has no variants)"
         raise UserInputError(f"method '{spec.name}' has no variant '{args.variant}'; choose from "
                              f"{choices}")
-    refine_schedule(args.refine)  # refused here, before anything is read or created
+    schedule = refine_schedule(args.refine)  # refused here, before anything is read or created
+    # the method's own, --refine's or the global stage's similarity, or refused (one rule for
+    # every method: the engine's)
+    check_similarity(spec, args.similarity, sum(schedule) > 0, args.initial)
     if args.regularization is not None and not (math.isfinite(args.regularization)
                                                 and args.regularization >= 0):
         raise UserInputError(f"--regularization must be a number >= 0, not {args.regularization}")

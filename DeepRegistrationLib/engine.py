@@ -100,6 +100,37 @@ def refine_schedule(refine: Union[int, str, Sequence[int]]) -> Tuple[int, int]:
     return parts[0], parts[1]
 
 
+def check_similarity(spec, similarity: Optional[str], refine: bool,
+                     initial: str = "auto") -> str:
+    """The similarity a registration by ``spec`` uses (its default when ``similarity`` is None).
+
+    Refused with a one-line :class:`UserInputError` when the method cannot use it, or when it
+    would change nothing (``MethodSpec.similarity_choices``): a network optimises no similarity
+    itself, so without ``--refine`` its ``--similarity`` only chooses the global stage's measure
+    (lncc or mind) and, with ``--initial none`` as well, nothing at all.
+    """
+    similarity = similarity or spec.default_similarity
+    if similarity not in spec.similarities:
+        raise UserInputError(f"method '{spec.name}' does not support similarity '{similarity}'; "
+                             f"choose one of {', '.join(spec.similarities)}")
+    alignment = initial != "none"
+    choices = spec.similarity_choices(refine, alignment)
+    if similarity not in choices:
+        head = (f"method '{spec.name}' does not support similarity '{similarity}' without "
+                f"--refine{'' if alignment else ' and with --initial none'}: it does not "
+                "optimise --similarity itself (a network's loss is fixed when it is trained), so "
+                "--similarity is what the instance optimisation of --refine optimises")
+        if alignment:
+            raise UserInputError(f"{head}, and without --refine it only chooses the global "
+                                 f"alignment's measure ({' or '.join(choices)}); add --refine N "
+                                 f"(e.g. --refine 60) to refine with {similarity}, or choose "
+                                 f"{' or '.join(choices)}")
+        raise UserInputError(f"{head} and the global alignment's measure, and neither runs here; "
+                             f"add --refine N (e.g. --refine 60) to refine with {similarity}, or "
+                             "leave --similarity out")
+    return similarity
+
+
 def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io",
              refine: Union[int, str, Sequence[int]] = 0,
              similarity: Optional[str] = None, regularization: Optional[float] = None,
@@ -114,16 +145,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io",
     the result's ``displacement`` composes both (``alignment.compose_affine``).
 
     ``refine`` adds instance-optimisation steps on the half and the full grid starting from the
-    method's field (:func:`refine_schedule`: a total or ``AxB``).
+    method's field (:func:`refine_schedule`: a total or ``AxB``). ``similarity`` is the one the
+    method optimises (``io``) and the one ``refine`` optimises after any method; it also picks
+    the global stage's measure. :func:`check_similarity` refuses one that would change nothing.
     ``progress(fraction, stage, message)`` is called along the way; ``cancel()``
     returning True stops the work with :class:`RegistrationCancelled`.
     """
     started = time.perf_counter()
     spec = get_method(method)
-    similarity = similarity or spec.default_similarity
-    if similarity not in spec.similarities:
-        raise UserInputError(f"method '{method}' does not support similarity '{similarity}'; "
-                             f"choose one of {', '.join(spec.similarities)}")
     variant = (options or {}).get("variant")
     if variant is not None and variant not in spec.variants:
         choices = ", ".join(spec.variants) if spec.variants else "none (it has no variants)"
@@ -132,6 +161,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io",
     if initial not in INITIAL_MODES:
         raise UserInputError(f"unknown --initial '{initial}'; choose one of "
                              f"{', '.join(INITIAL_MODES)}")
+    similarity = check_similarity(spec, similarity, sum(schedule) > 0, initial)
     torch_device = resolve_device(device)
     # per-stage seconds (summary.json's timings_seconds): the engine's stages here, finer ones
     # (each pyramid level, the final integration) recorded by the method through the scope

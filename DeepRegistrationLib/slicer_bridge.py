@@ -452,6 +452,26 @@ def method_tooltip(info: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def similarity_problem(info: Mapping[str, Any], similarity: str, refine: int) -> Optional[str]:
+    """Why ``register`` would refuse ``similarity`` for the method ``info`` (an entry of
+    ``methods --json``) with ``refine`` refinement steps, in words for the module; None when it
+    accepts it, or when ``info`` does not list its similarities (the placeholder before the list
+    arrives, an older library): the command line decides then, as it does for ``--initial none``.
+
+    The lists are the library's own (``MethodSpec.describe``): a network optimises no similarity
+    itself, so most similarities act only in the refinement steps after it."""
+    accepted = info.get("similarities" if refine else "similarities_without_refine")
+    if not isinstance(accepted, (list, tuple)) or similarity in accepted:
+        return None
+    name = method_short_name(info)
+    label = choice_label(SIMILARITY_CHOICES, similarity)
+    choices = " or ".join(f"'{choice_label(SIMILARITY_CHOICES, s)}'" for s in accepted)
+    if not refine and similarity in (info.get("similarities") or ()):
+        return (f"{name} uses the similarity '{label}' only in the refinement steps after it: "
+                f"set Refinement steps above 0 (e.g. 60), or choose {choices}.")
+    return f"{name} does not offer the similarity '{label}'; choose {choices}."
+
+
 # ----------------------------------------------------------------------------- results table
 def _fmt(value, digits: int = 4) -> str:
     """A number in ``digits`` significant digits; None and non-finite values as ``n/a``."""

@@ -49,11 +49,40 @@ class MethodSpec:
     checkpoint: Optional[str] = None          # file name under a checkpoint folder
     working_spacing_mm: Optional[float] = None  # networks run on an isotropic working grid
     size_multiple: int = 16                    # network input sides must divide by this
-    similarities: Tuple[str, ...] = ("lncc", "mind", "ncc", "mse")
+    # What --similarity accepts (see similarity_choices). A method that optimises the similarity
+    # itself when it registers (``optimises_similarity``: instance optimisation) lists its own.
+    # A network optimises none (its loss was fixed in training): left None, its list is the
+    # instance optimisation's (``instance_optimisation.SIMILARITIES``), as the similarity is the
+    # one --refine optimises -- one list for every network, not one copy per registration.
+    similarities: Optional[Tuple[str, ...]] = None
+    optimises_similarity: bool = False
     default_similarity: str = "lncc"
     training: Dict = field(default_factory=dict)  # losses and weights the trainer uses
     estimated_seconds: Dict = field(default_factory=dict)
     variants: Tuple[str, ...] = ()             # accepted values of --variant (first = default)
+
+    def __post_init__(self):
+        if self.similarities is None:
+            from .instance_optimisation import SIMILARITIES
+            self.similarities = SIMILARITIES
+        self.similarities = tuple(self.similarities)
+
+    def similarity_choices(self, refine: bool, alignment: bool = True) -> Tuple[str, ...]:
+        """The similarities that change a registration by this method, with or without
+        ``--refine`` steps and a global stage (``alignment``: ``--initial`` other than none).
+
+        ``--similarity`` drives the method itself when it optimises one, the instance
+        optimisation of ``--refine``, and the global stage's measure (local NCC, or MIND for a
+        multi-modal similarity: ``alignment.MEASURES``). So a network without ``--refine``
+        accepts only those measures (and nothing but its default without a global stage):
+        any other similarity would have no effect at all (``engine.check_similarity``)."""
+        if self.optimises_similarity or refine:
+            return self.similarities
+        if not alignment:
+            return (self.default_similarity,)
+        from ..alignment import MEASURES
+        return tuple(s for s in self.similarities
+                     if s in MEASURES or s == self.default_similarity)
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -74,6 +103,7 @@ class MethodSpec:
                 "model_card": read_model_card(path) if path else None,
                 "available": self.available, "estimated_seconds": self.estimated_seconds,
                 "similarities": list(self.similarities), "variants": list(self.variants),
+                "similarities_without_refine": list(self.similarity_choices(refine=False)),
                 "default_similarity": self.default_similarity}
 
 

@@ -36,6 +36,9 @@ from .base import MethodSpec, RegistrationInputs, pyramid_shapes, register_metho
 # polish.
 DEFAULT_ITERATIONS = (80, 30, 6)
 DEFAULT_REGULARIZATION = {"lncc": 5.0, "mind": 1.0, "ncc": 1.0, "mse": 0.5, "ngf": 1.0, "mi": 10.0}
+# the similarities instance optimisation optimises (each has its default weight above): those of
+# "io", and of --refine after any method (a network's --similarity list is this one, base.py)
+SIMILARITIES = tuple(DEFAULT_REGULARIZATION)
 DEFAULT_LEARNING_RATE = 0.2
 DEFAULT_MAX_VOXELS = 1_500_000
 LNCC_WINDOW = 5  # voxels of each level: wider in millimetres on the coarse levels
@@ -274,6 +277,7 @@ register_method(MethodSpec(
     description="Optimises a smooth velocity field for this pair with Adam, coarse to fine; "
                 "diffeomorphic by construction, works for any anatomy, no checkpoint needed.",
     run=_run,
-    similarities=("lncc", "mind", "ncc", "mse", "ngf", "mi"),
+    similarities=SIMILARITIES,
+    optimises_similarity=True,
     estimated_seconds={"2mm": 6.0, "1mm": 25.0},  # register + write outputs, 2 cores
 ))

@@ -559,7 +559,6 @@ SPEC = register_method(MethodSpec(
     checkpoint="mmln.pt",
     working_spacing_mm=2.0,
     size_multiple=2 ** LEVELS,
-    similarities=("lncc", "mind", "ncc", "mse"),
     # the pyramid's phases are the curriculum: no coarse first stage on another grid (it would
     # train level 1 on 16 mm voxels and deploy it on 8 mm ones)
     training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 1,

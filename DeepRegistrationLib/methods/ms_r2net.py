@@ -279,7 +279,6 @@ SPEC = register_method(MethodSpec(
     checkpoint="ms-r2net.pt",
     working_spacing_mm=2.0,
     size_multiple=2,   # the branches pad their own inputs to the U-Net's multiple
-    similarities=("lncc", "mind", "ncc", "mse", "ngf"),
     training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 1,
               "synth": TRAINING_SYNTH,
               "curriculum": {"spacing_mm": 4.0, "fraction": 0.6, "batch_size": 4}},

@@ -493,7 +493,6 @@ SPEC = register_method(MethodSpec(
     checkpoint="multiprop.pt",
     working_spacing_mm=2.0,
     size_multiple=2 ** STAGES,
-    similarities=("lncc", "mind", "ncc", "mse"),
     # trainer schema (training/train.py): the loss_fn reads the network's current weights; the
     # before_step hook runs the upper level (variant bilevel) between gradient clipping and the
     # optimiser step; the card hook puts the weights and their trajectory in the model card.

@@ -82,7 +82,6 @@ SPEC = register_method(MethodSpec(
     checkpoint="vm-diff.pt",
     working_spacing_mm=4.0,
     size_multiple=16,
-    similarities=("lncc", "mind", "ncc", "mse"),
     # trainer schema (training/train.py): similarity (name, weight[, options]) + regulariser weights
     # LNCC is a same-contrast similarity: no second-contrast pairs (R2Net and VTN train those in
     # the fixed contrast, so the three see the same kind of data); little noise, because the

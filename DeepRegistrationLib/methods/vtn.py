@@ -404,7 +404,6 @@ SPEC = register_method(MethodSpec(
     checkpoint="vtn.pt",
     working_spacing_mm=4.0,
     size_multiple=16,
-    similarities=("lncc", "mind", "ncc", "mse"),
     # with "+inv" every pair is registered both ways: half the batch of the one-way methods
     training={"loss_fn": training_loss, "recipe_losses": True, "lr": 1e-3, "batch_size": 2,
               "curriculum": {"spacing_mm": 8.0, "fraction": 0.6, "batch_size": 4}},
