@@ -2,9 +2,10 @@
 share, so that their arms are trained, tabulated and timed the same way and their outputs stay
 comparable: the trainer command line, the per-case CSV and the table of means, the speed of the
 deployed network with random weights, and the command-line frame (sub-commands, exit status).
+``training/suits_ablation.py`` tabulates with the same per-case CSV and table of means.
 
-(Their per-case metrics and paired statistics, ``finished``, ``paired`` and ``case_metrics``, are
-in ``mmln_ablation.py``, which came first.)
+(Their per-case metrics and paired statistics, ``finished``, ``paired``, ``compare_arms``,
+``comparisons_table`` and ``case_metrics``, are in ``mmln_ablation.py``, which came first.)
 """
 from __future__ import annotations
 
@@ -56,11 +57,12 @@ def write_per_case_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> N
 
 
 def means_table(title: str, rows: List[Dict], arms: Sequence[str],
-                metrics: Sequence[Tuple[str, bool]]) -> List[str]:
+                metrics: Sequence[Tuple[str, bool]], heading_level: int = 1) -> List[str]:
     """The opening of a ``results.md``: the title, what was run, then a Markdown row per arm and
     anatomy subset (all cases, unseen, seen) with the mean of each metric over its (case, seed)
-    units, NaN skipped. Arms and subsets without rows get no row."""
-    lines = [f"# {title}", "",
+    units, NaN skipped. Arms and subsets without rows get no row. ``heading_level`` 2 or more
+    makes the title a section of a longer report (one table per subset of the cases)."""
+    lines = [f"{'#' * heading_level} {title}", "",
              f"{len(rows)} registrations; seeds {sorted({r['seed'] for r in rows})}; Python "
              f"{platform.python_version()}. Means over (case, seed).", "",
              "| arm | anatomy | units | " + " | ".join(m for m, _ in metrics) + " |",

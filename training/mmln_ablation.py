@@ -43,7 +43,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from typing import Dict, List, Optional, Sequence  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -201,6 +201,44 @@ def paired(rows: List[Dict], first: str, second: str, metric: str) -> Optional[D
             "ties": int((difference == 0).sum()), "wilcoxon_p": p_value}
 
 
+
+def compare_arms(rows: List[Dict], comparisons: Sequence[Tuple[str, str]],
+                 metrics: Sequence[Tuple[str, bool]], **labels) -> List[Dict]:
+    """``paired`` for every (first, second) arm and metric over ``rows``; each result carries
+    ``labels`` (which subset of the cases ``rows`` are, e.g. ``anatomy="unseen"``)."""
+    results = []
+    for first, second in comparisons:
+        for metric, _ in metrics:
+            result = paired(rows, first, second, metric)
+            if result:
+                results.append(dict(result, **labels))
+    return results
+
+
+def write_comparisons_csv(path: str, comparisons: List[Dict]) -> None:
+    """The results of ``compare_arms``, one line each (an empty file when there are none)."""
+    with open(path, "w", newline="") as handle:
+        if comparisons:
+            writer = csv.DictWriter(handle, fieldnames=list(comparisons[0]))
+            writer.writeheader()
+            writer.writerows(comparisons)
+
+
+def comparisons_table(comparisons: List[Dict], labels: Sequence[str]) -> List[str]:
+    """The Markdown table of ``compare_arms``' results, the ``labels`` columns first."""
+    lines = ["| " + " | ".join(labels) + (" | " if labels else "")
+             + "first vs second | metric | units | mean first | mean second | difference | "
+             "relative | first lower / higher / ties | Wilcoxon p |",
+             "|" + "---|" * (len(labels) + 9)]
+    for c in comparisons:
+        lines.append("| " + "".join(f"{c[label]} | " for label in labels)
+                     + f"{c['first']} vs {c['second']} | {c['metric']} | "
+                     f"{c['units']} | {c['mean_first']:.4f} | {c['mean_second']:.4f} | "
+                     f"{c['mean_difference']:+.4f} | {c['relative_change']:+.1%} | "
+                     f"{c['first_lower']} / {c['first_higher']} / {c['ties']} | "
+                     f"{c['wilcoxon_p']:.3g} |")
+    return lines
+
 def command_evaluate(args) -> None:
     from DeepRegistrationLib.methods.mmln import checkpoint_name
     from .data import available_sources
@@ -245,28 +283,12 @@ def write_evaluation(args, rows: List[Dict]) -> None:
     comparisons = []
     for subset in ("all", "unseen", "seen"):
         chosen = rows if subset == "all" else [r for r in rows if r["anatomy"] == subset]
-        for first, second in COMPARISONS:
-            for metric, _ in METRICS:
-                result = paired(chosen, first, second, metric)
-                if result:
-                    comparisons.append(dict(result, anatomy=subset))
-    with open(os.path.join(folder, "comparisons.csv"), "w", newline="") as handle:
-        if comparisons:
-            writer = csv.DictWriter(handle, fieldnames=list(comparisons[0]))
-            writer.writeheader()
-            writer.writerows(comparisons)
+        comparisons += compare_arms(chosen, COMPARISONS, METRICS, anatomy=subset)
+    write_comparisons_csv(os.path.join(folder, "comparisons.csv"), comparisons)
     lines = means_table(f"MMLN ablation ({args.cases} cases)", rows, ARMS, METRICS)
     print("\n".join(lines))
-    lines += ["", "## Paired comparisons (first - second over the same (case, seed))", "",
-              "| anatomy | first vs second | metric | units | mean first | mean second | "
-              "difference | relative | first lower / higher / ties | Wilcoxon p |",
-              "|" + "---|" * 10]
-    for c in comparisons:
-        lines.append(f"| {c['anatomy']} | {c['first']} vs {c['second']} | {c['metric']} | "
-                     f"{c['units']} | {c['mean_first']:.4f} | {c['mean_second']:.4f} | "
-                     f"{c['mean_difference']:+.4f} | {c['relative_change']:+.1%} | "
-                     f"{c['first_lower']} / {c['first_higher']} / {c['ties']} | "
-                     f"{c['wilcoxon_p']:.3g} |")
+    lines += ["", "## Paired comparisons (first - second over the same (case, seed))", ""]
+    lines += comparisons_table(comparisons, ("anatomy",))
     with open(os.path.join(folder, "results.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"paired comparisons in {os.path.join(folder, 'results.md')}")

@@ -4,7 +4,8 @@ the paper's ablation on evaluation cases.
     python -m training.suits_ablation lambda --output docs/methods/suits/lambda
     python -m training.suits_ablation mi-weight --output docs/methods/suits/mi-weight
     python -m training.suits_ablation speed --output docs/methods/suits/speed
-    python -m training.suits_ablation ablation --iterations 600 --output runs/suits-ablation
+    python -m training.suits_ablation ablation --iterations 600 --seeds 0,1 \\
+        --output runs/suits-ablation
     python -m training.suits_ablation ablation --iterations 0 --methods mind,io-mind,io-mi,ants \\
         --output docs/methods/suits/multimodal
 
@@ -16,16 +17,22 @@ the feature-update modes (recomputed from the warped image, as the paper, or war
 compared at it. ``mi-weight``: the same for the regularisation weight of ``io --similarity mi``
 on second-contrast training pairs (through ``engine.register``, the whole pipeline).
 
-``ablation``: trains what is missing (``--iterations`` steps each, into ``--checkpoints``): the
-replica (phase ``mind`` only), SUITS from the replica (phase ``suits``), and SUITS with
-``matrix_grad``; then registers the cases with every row through ``engine.register`` (ANTs SyN
-through ``training.peers``) and computes every metric with ``training.evaluate.field_metrics``:
-Dice, HD95, ground-truth error (label-independent: the second contrast is painted from the labels,
-so features could learn to segment them), folding (central and strict) and seconds. Cases are
-built by ``training.evaluate`` (its seed and stream): the unseen ITK T1 brain under an
-independent B-spline deformation family in a second contrast and in its own, and the CT and
-MNI152 sources in a second contrast; every row says whether the case's anatomy was in the
-training data of the networks.
+``ablation``: trains what is missing (``--iterations`` steps each, per seed of ``--seeds``, into
+``--checkpoints``/seed<S>): the replica (phase ``mind`` only), SUITS from the replica (phase
+``suits``), and SUITS with ``matrix_grad``, with the ``--recipe``'s data but SUITS' own loss (the
+recipe's guidance terms and clean similarity off: ``--guidance '{}' --clean-similarity no``);
+chooses the lambda of the ``mind-best`` control row on second-contrast *training* pairs (a small
+grid, ``--mind-lambdas``); then registers the cases with every row through ``engine.register``
+(ANTs SyN through ``training.peers``) and computes every metric with
+``training.evaluate.field_metrics``: Dice, HD95, ground-truth error (label-independent: the
+second contrast is painted from the labels, so features could learn to segment them), folding
+(central and strict) and seconds. Cases are built by ``training.evaluate`` (its seed and stream):
+the unseen ITK T1 brain under an independent B-spline deformation family in a second contrast
+and in its own, and the CT and MNI152 sources in a second contrast; every row says whether the
+case's anatomy was in the training data of the networks. The report (``ablation.md``,
+``per_case.csv``, ``comparisons.csv``) has the means per contrast and anatomy (all, unseen,
+seen) and paired per-case statistics (``mmln_ablation.paired``: mean difference, cases each way,
+Wilcoxon p) of SUITS against its controls.
 """
 from __future__ import annotations
 
@@ -45,11 +52,39 @@ import torch  # noqa: E402
 
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
+from .ablation_common import SUBSETS, means_table, write_per_case_csv  # noqa: E402
+from .mmln_ablation import (compare_arms, comparisons_table,  # noqa: E402
+                            write_comparisons_csv)
+
 LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MI_WEIGHTS = (0.1, 0.3, 1.0, 3.0)
+# the grid of the mind-best control row: around the default (1), where the training pairs' Dice
+# peaked (lambda.md)
+MIND_BEST_LAMBDAS = (0.5, 1.0, 2.0, 4.0)
 TRAINING_SOURCES = ("mni152", "pydeface", "invesalius-ct")  # the general recipe's (itk-t1 unseen)
 ROWS = ("mind", "mind-best", "replica", "suits", "suits-matrix-grad", "suits-recompute",
-        "suits-refine", "mind-refine", "io-mind", "io-mi", "vm-diff", "ants")
+        "suits-refine", "mind-refine", "io", "io-mind", "io-mi", "vm-diff", "ants")
+# rows whose networks the ablation trains, once per seed; every other row is registered once
+TRAINED_ROWS = ("replica", "suits", "suits-matrix-grad", "suits-recompute", "suits-refine")
+# what the ablation trains, in order: (row, checkpoint file, config overrides, the row whose
+# checkpoint it starts from, the option of its learning rate)
+TRAINING_PLAN = (
+    ("replica", "suits-replica.pt", {"mind_fraction": 1.0}, None, "lr"),
+    ("suits", "suits.pt", {"mind_fraction": 0.0}, "replica", "lr_end_to_end"),
+    ("suits-matrix-grad", "suits.pt", {"mind_fraction": 0.0, "matrix_grad": True}, "replica",
+     "lr_end_to_end"),
+)
+CONTRASTS = ("second contrast", "same contrast")
+# paired per case: the paper's claim first (better features, not weaker regularisation), then
+# its parts (MIND pre-training, end-to-end training, the solver's options) and the peers
+COMPARISONS = (("suits", "mind-best"), ("suits", "mind"), ("replica", "mind"),
+               ("suits", "replica"), ("mind-best", "mind"), ("suits-matrix-grad", "suits"),
+               ("suits-recompute", "suits"), ("suits-refine", "mind-refine"),
+               ("suits-refine", "ants"), ("suits", "io"), ("suits", "io-mi"), ("io-mi", "io"))
+# (metric, lower is better), as the MMLN ablation's; the means add the seconds
+METRICS = (("dice", False), ("hd95", True), ("gt_error_mm", True), ("folding_percent", True),
+           ("folding_percent_strict", True))
+MEAN_COLUMNS = METRICS + (("seconds", True),)
 
 
 def _installed(names: Sequence[str]) -> List[str]:
@@ -62,11 +97,12 @@ def _installed(names: Sequence[str]) -> List[str]:
     return chosen
 
 
-def training_pairs(count: int, spacing_mm: float, multimodal_only: bool = False):
+def training_pairs(count: int, spacing_mm: float, multimodal_only: bool = False,
+                   sources: Sequence[str] = TRAINING_SOURCES):
     """Pairs of the training stream (seed 0), half of them (or all) in a second contrast."""
     from .synth import TRAIN, PairGenerator, SynthConfig
     config = SynthConfig(spacing_mm=spacing_mm, multiple=1, contrast_probability=0.5)
-    generator = PairGenerator(_installed(TRAINING_SOURCES), config, seed=0, canvas=False)
+    generator = PairGenerator(_installed(sources), config, seed=0, canvas=False)
     return [generator.pair(index, TRAIN, contrast=True if multimodal_only else index % 2 == 0,
                            source=index % len(generator.volumes)) for index in range(count)]
 
@@ -91,6 +127,13 @@ def summarise(rows: List[Dict], keys=("dice", "gt_error_mm", "folding_percent",
         if chosen:
             out[subset] = {k: float(np.mean([r[k] for r in chosen])) for k in keys}
     return out
+
+
+def best_by_dice(results: Dict[str, Dict]) -> str:
+    """The key of the result with the best mean Dice over all its pairs; ties (to the fourth
+    decimal) go to the lower ground-truth error."""
+    return max(results, key=lambda k: (round(results[k]["summary"]["all"]["dice"], 4),
+                                       -results[k]["summary"]["all"]["gt_error_mm"]))
 
 
 def _table(results: Dict[str, Dict], label: str) -> List[str]:
@@ -133,27 +176,14 @@ def choose_lambda(args) -> Dict:
     network = build_network(spec.config).eval()
     identity = [pair_row(p, torch.zeros_like(p.displacement), spacing, 0.0) for p in pairs]
     results = {"identity": {"rows": identity, "summary": summarise(identity)}}
-
-    def run(label: str, regularization: float, recompute: bool) -> None:
-        network.recompute_features = recompute
-        rows = []
-        for pair in pairs:
-            started = time.perf_counter()
-            with torch.inference_mode():
-                displacement = network(pair.fixed, pair.moving, "mind", regularization)
-            rows.append(pair_row(pair, displacement, spacing, time.perf_counter() - started))
-        results[label] = {"rows": rows, "summary": summarise(rows), "lambda": regularization,
-                          "recompute_features": recompute}
-        print(f"{label}: {json.dumps(results[label]['summary']['all'])}", flush=True)
-
-    for value in args.lambdas:
-        run(f"mind lambda {value:g}", value, spec.config["recompute_features"])
-    candidates = [k for k in results if k.startswith("mind lambda")]
-    best = max(candidates, key=lambda k: (round(results[k]["summary"]["all"]["dice"], 4),
-                                          -results[k]["summary"]["all"]["gt_error_mm"]))
-    chosen = results[best]["lambda"]
+    candidates = {f"mind lambda {value:g}": mind_run(network, pairs, value,
+                                                     spec.config["recompute_features"], spacing)
+                  for value in args.lambdas}
+    results.update(candidates)
+    chosen = candidates[best_by_dice(candidates)]["lambda"]
     other = not spec.config["recompute_features"]
-    run(f"mind lambda {chosen:g}, recompute_features {other}", chosen, other)
+    results[f"mind lambda {chosen:g}, recompute_features {other}"] = mind_run(
+        network, pairs, chosen, other, spacing)
     payload = {"chosen_lambda": chosen, "spacing_mm": spacing, "pairs": len(pairs),
                "sources": sorted({p.source for p in pairs}), "stream": "training (seed 0)",
                "config": spec.config, "results": results, "environment": _environment()}
@@ -167,6 +197,23 @@ def choose_lambda(args) -> Dict:
              f"Chosen lambda (best mean Dice, ties by ground-truth error): **{chosen:g}**."]
     _write(args.output, "lambda", payload, lines)
     return payload
+
+
+def mind_run(network, pairs, regularization: float, recompute: bool, spacing_mm: float) -> Dict:
+    """Hand-crafted MIND-SSC in the SUITS solver (the network's ``mind`` path, so no weights
+    matter) on ``pairs`` at ``regularization``: each pair's row and their summary."""
+    network.recompute_features = recompute
+    rows = []
+    for pair in pairs:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            displacement = network(pair.fixed, pair.moving, "mind", regularization)
+        rows.append(pair_row(pair, displacement, spacing_mm, time.perf_counter() - started))
+    result = {"rows": rows, "summary": summarise(rows), "lambda": regularization,
+              "recompute_features": recompute}
+    print(f"mind lambda {regularization:g} (recompute_features {recompute}): "
+          f"{json.dumps(result['summary']['all'])}", flush=True)
+    return result
 
 
 # ------------------------------------------------------------------------------ io MI weight
@@ -189,8 +236,7 @@ def choose_mi_weight(args) -> Dict:
                                                "weight": weight}
         print(f"weight {weight:g}: {json.dumps(results[f'io mi weight {weight:g}']['summary'])}",
               flush=True)
-    best = max(results, key=lambda k: (round(results[k]["summary"]["all"]["dice"], 4),
-                                       -results[k]["summary"]["all"]["gt_error_mm"]))
+    best = best_by_dice(results)
     payload = {"chosen_weight": results[best]["weight"], "spacing_mm": spacing,
                "pairs": len(pairs), "results": results, "environment": _environment()}
     lines = ["# io --similarity mi: regularisation weight on training pairs", "",
@@ -310,42 +356,102 @@ def ablation_cases(names: str):
     return [specs[k] for k in keys]
 
 
-def train_missing(args, folders: Dict[str, str]) -> List[str]:
-    """Train the replica, SUITS and SUITS with matrix_grad where their checkpoint is missing."""
+def mind_best_lambda(args, sources: Sequence[str]) -> Dict:
+    """The lambda of the ``mind-best`` control row: hand-crafted MIND's best on second-contrast
+    pairs of the *training* stream (``--mind-lambda-pairs`` of them, ``--mind-lambdas``, SUITS'
+    working grid; best mean Dice, ties by ground-truth error), never on the evaluation cases.
+    With it the row separates "better features" from "weaker regularisation": SUITS' lambda was
+    chosen on mixed pairs, and the multi-modal pairs may prefer another. Written to
+    ``--output``/mind-best-lambda.{json,md}; a choice already there with the same plan (grid,
+    pairs, sources, grid spacing) is reused rather than computed again."""
+    from DeepRegistrationLib.methods import get_method
+    from DeepRegistrationLib.methods.suits import build_network
+
+    spec = get_method("suits")
+    spacing = float(spec.working_spacing_mm)
+    plan = {"lambdas": [float(v) for v in args.mind_lambdas], "pairs": args.mind_lambda_pairs,
+            "sources": sorted(sources), "spacing_mm": spacing}
+    path = os.path.join(args.output, "mind-best-lambda.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            earlier = json.load(handle)
+        if earlier.get("plan") == plan:
+            print(f"mind-best lambda {earlier['chosen_lambda']:g}, chosen before ({path})",
+                  flush=True)
+            return earlier
+    pairs = training_pairs(args.mind_lambda_pairs, spacing, multimodal_only=True, sources=sources)
+    network = build_network(spec.config).eval()
+    results = {f"mind lambda {value:g}": mind_run(network, pairs, value,
+                                                  spec.config["recompute_features"], spacing)
+               for value in plan["lambdas"]}
+    chosen = results[best_by_dice(results)]["lambda"]
+    payload = {"chosen_lambda": chosen, "plan": plan, "stream": "training (seed 0)",
+               "results": results, "environment": _environment()}
+    lines = ["# SUITS ablation: lambda of the mind-best row", "",
+             f"Hand-crafted MIND-SSC in the SUITS solver on {len(pairs)} second-contrast pairs of "
+             f"the training stream (seed 0; sources {', '.join(plan['sources'])}) on the "
+             f"{spacing:g} mm working grid, K = {spec.config['iterations']}; the evaluation cases "
+             "are not used.", "", *_table(results, "run"), "",
+             f"Chosen lambda (best mean Dice, ties by ground-truth error): **{chosen:g}**."]
+    _write(args.output, "mind-best-lambda", payload, lines)
+    return payload
+
+
+def network_folders(root: str, seed: int) -> Dict[str, str]:
+    """Where the trained rows' checkpoints of one seed live (under ``--checkpoints``, never
+    Resources/)."""
+    folder = os.path.join(root, f"seed{seed}")
+    return {"replica": os.path.join(folder, "replica"), "suits": os.path.join(folder, "suits"),
+            "suits-matrix-grad": os.path.join(folder, "matrix-grad")}
+
+
+def training_options(args, config: Dict, output: str, resume: Optional[str], lr: float,
+                     seed: int, sources: Sequence):
+    """The trainer's options for one network of the ablation."""
     from DeepRegistrationLib.methods import get_method
 
-    from .train import TrainOptions, train
-    working_spacing = get_method("suits").working_spacing_mm
+    from .train import TrainOptions
+    # SUITS' own loss (MIND regression, then label-driven weak supervision) takes none of a
+    # recipe's guidance terms or its clean similarity, and the trainer refuses a run that asks
+    # for them (train.check_recipe_losses): off, as `--guidance '{}' --clean-similarity no`
+    options = dict(method="suits", output=output, iterations=args.iterations,
+                   sources=list(sources), seed=seed, config=config, resume=resume, lr=lr,
+                   threads=args.threads, progress=False,
+                   val_every=args.val_every or max(args.iterations // 4, 1),
+                   val_cases=args.val_cases, guidance={}, clean_similarity=False)
+    if args.recipe:
+        # the recipe's data on SUITS' own working grid (features are learned at the grid they
+        # are used on): its 8 mm stage off (its 4 mm stage stays: --coarse-* options change only
+        # the first stage), whole canvases (the windows are sized for 2 mm)
+        options.update(recipe=args.recipe, spacing_mm=get_method("suits").working_spacing_mm,
+                       coarse_spacing_mm=0.0, synth={"crop_shape": None})
+    return TrainOptions(**options)
+
+
+def train_missing(args, folders: Dict[str, str], seed: int, sources: Sequence) -> List[str]:
+    """Train the replica, SUITS and SUITS with matrix_grad of one seed where their checkpoint is
+    missing (``--iterations`` steps each, on ``sources``: names or ``training.data.Volume``s);
+    returns one note per network trained."""
+    from .train import train
     notes = []
-    plan = [("replica", "suits-replica.pt", {"mind_fraction": 1.0}, None, args.lr),
-            ("suits", "suits.pt", {"mind_fraction": 0.0}, "replica", args.lr_end_to_end),
-            ("suits-matrix-grad", "suits.pt", {"mind_fraction": 0.0, "matrix_grad": True},
-             "replica", args.lr_end_to_end)]
-    for row, filename, config, start, lr in plan:
+    for row, filename, config, start, lr_option in TRAINING_PLAN:
         path = os.path.join(folders[row], filename)
         if os.path.isfile(path) or args.iterations <= 0:
             continue
+        os.makedirs(folders[row], exist_ok=True)
         resume = os.path.join(folders[start], "suits-replica.pt") if start else None
-        options = dict(method="suits", output=path, iterations=args.iterations,
-                       sources=list(_installed(args.sources.split(","))), config=config,
-                       resume=resume, lr=lr, threads=args.threads, progress=False,
-                       val_every=max(args.iterations // 4, 1), val_cases=4)
-        if args.recipe and "recipe" in TrainOptions.__dataclass_fields__:
-            # the recipe's data on SUITS' own working grid (features are learned at the grid
-            # they are used on): its 8 mm stage off (its 4 mm stage stays: --coarse-* options
-            # change only the first stage), whole canvases (the windows are sized for 2 mm)
-            options.update(recipe=args.recipe, spacing_mm=working_spacing,
-                           coarse_spacing_mm=0.0, synth={"crop_shape": None})
         started = time.perf_counter()
-        train(TrainOptions(**options))
-        notes.append(f"trained {row}: {args.iterations} steps in "
+        train(training_options(args, config, path, resume, getattr(args, lr_option), seed,
+                               sources))
+        notes.append(f"trained {row} (seed {seed}): {args.iterations} steps in "
                      f"{time.perf_counter() - started:.0f} s -> {path}")
         print(notes[-1], flush=True)
     return notes
 
 
 def run_row(row: str, case, folders: Dict[str, str], lambdas: Dict[str, float], refine: int):
-    """The displacement of one row on one case and its seconds (registration call only)."""
+    """The displacement of one row on one case and its seconds (registration call only);
+    ``folders``: the checkpoints of the trained rows (one seed's)."""
     from DeepRegistrationLib import engine
     from DeepRegistrationLib.methods import base
 
@@ -361,8 +467,8 @@ def run_row(row: str, case, folders: Dict[str, str], lambdas: Dict[str, float], 
         options = {"variant": "replica"}
     elif row == "suits-recompute":
         options = {"recompute_features": True}
-    elif row in ("io-mind", "io-mi"):
-        method, similarity = "io", row[3:]
+    elif row in ("io", "io-mind", "io-mi"):
+        method, similarity = "io", row[3:] or None  # plain io: its default similarity (LNCC)
     elif row == "vm-diff":
         method = "vm-diff"
     if row.endswith("-refine"):
@@ -385,6 +491,14 @@ def run_row(row: str, case, folders: Dict[str, str], lambdas: Dict[str, float], 
         base._NETWORK_CACHE.clear()
 
 
+def case_labels(case, source: str, trained_on: Sequence[str]) -> Dict:
+    """What every row of a case says about it: its name and source, its contrast, and whether
+    its anatomy was in the networks' training data."""
+    return {"case": case.name, "source": source, "multimodal": bool(case.multimodal),
+            "contrast": CONTRASTS[0] if case.multimodal else CONTRASTS[1],
+            "anatomy": "seen" if source in trained_on else "unseen"}
+
+
 def ablation(args) -> Dict:
     from DeepRegistrationLib.methods import get_method
 
@@ -393,87 +507,135 @@ def ablation(args) -> Dict:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise UserInputError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
     spec = get_method("suits")
     lambdas = {"mind": spec.config["regularization"], "mind-refine": spec.config["regularization"]}
-    if os.path.isfile(args.lambda_file):
-        with open(args.lambda_file) as handle:
-            lambdas["mind-best"] = float(json.load(handle)["chosen_lambda"])
-    elif "mind-best" in rows:
-        raise UserInputError(f"--lambda-file {args.lambda_file} does not exist; run the "
-                             "'lambda' command first")
-    root = args.checkpoints
-    folders = {"replica": os.path.join(root, "replica"), "suits": os.path.join(root, "suits"),
-               "suits-matrix-grad": os.path.join(root, "matrix-grad")}
-    for folder in folders.values():
-        os.makedirs(folder, exist_ok=True)
-    notes = train_missing(args, folders) if any(r in folders or r.startswith("suits")
-                                                for r in rows) else []
-    trained_on = set(args.sources.split(","))
+    mind_best = None
+    if "mind-best" in rows:
+        mind_best = mind_best_lambda(args, _installed(args.sources.split(",")))
+        lambdas["mind-best"] = mind_best["chosen_lambda"]
+    folders = {seed: network_folders(args.checkpoints, seed) for seed in seeds}
+    notes = []
+    if args.iterations > 0 and any(r in TRAINED_ROWS for r in rows):
+        sources = _installed(args.sources.split(","))
+        for seed in seeds:
+            notes += train_missing(args, folders[seed], seed, sources)
+    trained_on = args.sources.split(",")
     results = []
     for index, case_spec in enumerate(ablation_cases(args.cases)):
         case = build_case(case_spec, args.spacing, index)
-        seen = case_spec.source in trained_on
-        print(f"case {case.name} ({'seen' if seen else 'unseen'} anatomy): {case.description}",
-              flush=True)
+        labels = case_labels(case, case_spec.source, trained_on)
+        print(f"case {case.name} ({labels['anatomy']} anatomy): {case.description}", flush=True)
         identity = field_metrics(case, torch.zeros_like(case.truth))
-        results.append(dict(identity, case=case.name, row="identity", seconds=0.0,
-                            multimodal=case.multimodal, seen=seen))
+        results.append(dict(identity, arm="identity", seed=seeds[0], seconds=0.0, **labels))
         for row in rows:
-            try:
-                displacement, seconds = run_row(row, case, folders, lambdas, args.refine)
-            except UserInputError as error:
-                notes.append(f"{row} on {case.name}: skipped, {error}")
-                print(notes[-1], flush=True)
-                continue
-            metrics = field_metrics(case, displacement.float())
-            results.append(dict(metrics, case=case.name, row=row, seconds=seconds,
-                                multimodal=case.multimodal, seen=seen))
-            print(f"  {row}: Dice {metrics['dice']:.3f} GT {metrics['gt_error_mm']:.2f} mm "
-                  f"HD95 {metrics['hd95']:.2f} folding {metrics['folding_percent']:.3f}% "
-                  f"({metrics['folding_percent_strict']:.3f}% strict) {seconds:.1f} s",
-                  flush=True)
-    payload = {"rows": results, "notes": notes, "lambdas": lambdas, "spacing_mm": args.spacing,
-               "refine": args.refine, "trained_on": sorted(trained_on),
-               "environment": _environment()}
+            # a row that trains nothing gives the same field for every seed: registered once
+            for seed in (seeds if row in TRAINED_ROWS else seeds[:1]):
+                try:
+                    displacement, seconds = run_row(row, case, folders[seed], lambdas,
+                                                    args.refine)
+                except UserInputError as error:
+                    notes.append(f"{row} (seed {seed}) on {case.name}: skipped, {error}")
+                    print(notes[-1], flush=True)
+                    continue
+                metrics = field_metrics(case, displacement.float())
+                results.append(dict(metrics, arm=row, seed=seed, seconds=seconds, **labels))
+                print(f"  {row} (seed {seed}): Dice {metrics['dice']:.3f} GT "
+                      f"{metrics['gt_error_mm']:.2f} mm HD95 {metrics['hd95']:.2f} folding "
+                      f"{metrics['folding_percent']:.3f}% "
+                      f"({metrics['folding_percent_strict']:.3f}% strict) {seconds:.1f} s",
+                      flush=True)
+    comparisons = paired_comparisons(results)
+    payload = {"rows": results, "comparisons": comparisons, "notes": notes, "lambdas": lambdas,
+               "mind_best": summary_of_choice(mind_best) if mind_best else None,
+               "seeds": seeds, "spacing_mm": args.spacing, "refine": args.refine,
+               "trained_on": sorted(trained_on), "environment": _environment()}
     _write(args.output, "ablation", payload, ablation_report(payload))
+    write_per_case_csv(os.path.join(args.output, "per_case.csv"), results,
+                       ["seed", "arm", "case", "source", "contrast", "anatomy", "seconds"]
+                       + [m for m, _ in METRICS] + ["sdlogj", "ncc"])
+    write_comparisons_csv(os.path.join(args.output, "comparisons.csv"), comparisons)
     return payload
+
+
+def summary_of_choice(selection: Dict) -> Dict:
+    """The mind-best lambda for the ablation's report: the choice, its plan and the mean Dice
+    of every lambda tried (every pair's numbers stay in mind-best-lambda.json)."""
+    return {"chosen_lambda": selection["chosen_lambda"], "plan": selection["plan"],
+            "dice": {str(r["lambda"]): r["summary"]["all"]["dice"]
+                     for r in selection["results"].values()}}
+
+
+def beside_each_seed(rows: List[Dict], first: str, second: str) -> List[Dict]:
+    """The rows of two arms as (case, seed) units for ``paired``. A row that trains nothing was
+    registered once: it stands beside every seed of a trained one (each seed's network is a
+    unit), and two such rows pair once per case (repeating them would count a case twice)."""
+    chosen = [r for r in rows if r["arm"] in (first, second)]
+    seeds = sorted({r["seed"] for r in chosen if r["arm"] in TRAINED_ROWS})
+    if not seeds:
+        return chosen
+    return [r if r["arm"] in TRAINED_ROWS else dict(r, seed=seed)
+            for r in chosen for seed in ([r["seed"]] if r["arm"] in TRAINED_ROWS else seeds)]
+
+
+def paired_comparisons(rows: List[Dict]) -> List[Dict]:
+    """``COMPARISONS`` paired per case, for each contrast and anatomy subset (all, unseen, seen):
+    the claim is about unseen multi-modal cases, so they are reported apart."""
+    results = []
+    for contrast in CONTRASTS:
+        for anatomy in SUBSETS:
+            chosen = [r for r in rows if r["contrast"] == contrast
+                      and anatomy in ("all", r["anatomy"])]
+            for first, second in COMPARISONS:
+                results += compare_arms(beside_each_seed(chosen, first, second),
+                                        [(first, second)], METRICS, contrast=contrast,
+                                        anatomy=anatomy)
+    return results
 
 
 def ablation_report(payload: Dict) -> List[str]:
     rows = payload["rows"]
-    names = list(dict.fromkeys(r["row"] for r in rows))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
     lines = ["# SUITS ablation", "",
              f"Written by `{payload['environment']['command']}` (load average "
              f"{payload['environment']['load_average'][0]:.1f}, {payload['spacing_mm']:g} mm "
-             f"cases; lambdas {json.dumps(payload['lambdas'])}; networks trained on "
-             f"{', '.join(payload['trained_on'])}).", ""]
-    for title, subset in (("second contrast", [r for r in rows if r["multimodal"]]),
-                          ("same contrast", [r for r in rows if not r["multimodal"]])):
-        if not subset:
-            continue
-        lines += [f"## Mean over the {title} cases", "",
-                  "| row | cases | Dice | HD95 mm | GT error mm | folding % | strict folding % "
-                  "| seconds |", "|" + "---|" * 8]
-        for name in names:
-            chosen = [r for r in subset if r["row"] == name]
-            if not chosen:
-                continue
-            mean = {k: float(np.mean([r[k] for r in chosen])) for k in
-                    ("dice", "hd95", "gt_error_mm", "folding_percent", "folding_percent_strict",
-                     "seconds")}
-            lines.append(f"| {name} | {len(chosen)} | {mean['dice']:.3f} | {mean['hd95']:.2f} | "
-                         f"{mean['gt_error_mm']:.2f} | {mean['folding_percent']:.3f} | "
-                         f"{mean['folding_percent_strict']:.3f} | {mean['seconds']:.1f} |")
-        lines.append("")
-    lines += ["## Every case", "", "| case | anatomy | row | Dice | HD95 mm | GT error mm | "
-              "folding % | strict folding % | seconds |", "|" + "---|" * 9]
+             f"cases; seeds {payload['seeds']}; networks trained on "
+             f"{', '.join(payload['trained_on'])}). Rows that train nothing are registered once "
+             "(seed-independent) and paired beside every seed of a trained row.", "",
+             *lambda_lines(payload), ""]
+    for contrast in CONTRASTS:
+        subset = [r for r in rows if r["contrast"] == contrast]
+        if subset:
+            lines += means_table(f"Means over the {contrast} cases", subset, arms,
+                                 MEAN_COLUMNS, heading_level=2) + [""]
+    lines += ["## Paired comparisons (first - second over the same (case, seed))", "",
+              *comparisons_table(payload["comparisons"], ("contrast", "anatomy")), ""]
+    lines += ["## Every case", "", "| case | anatomy | row | seed | Dice | HD95 mm | GT error mm | "
+              "folding % | strict folding % | seconds |", "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['case']} | {'seen' if r['seen'] else 'unseen'} | {r['row']} | "
+        lines.append(f"| {r['case']} | {r['anatomy']} | {r['arm']} | {r['seed']} | "
                      f"{r['dice']:.3f} | {r['hd95']:.2f} | {r['gt_error_mm']:.2f} | "
                      f"{r['folding_percent']:.3f} | {r['folding_percent_strict']:.3f} | "
                      f"{r['seconds']:.1f} |")
     if payload["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in payload["notes"]]
+    return lines
+
+
+def lambda_lines(payload: Dict) -> List[str]:
+    """Which lambda each MIND row used, and how the mind-best one was chosen."""
+    lambdas = payload["lambdas"]
+    lines = [f"Lambda: `mind` and `mind-refine` {lambdas['mind']:g} (SUITS' own, chosen on mixed "
+             "training pairs: docs/methods/suits/lambda/lambda.md)."]
+    choice = payload.get("mind_best")
+    if choice:
+        plan = choice["plan"]
+        tried = ", ".join(f"{float(k):g}: {v:.3f}" for k, v in choice["dice"].items())
+        lines[0] += (f" `mind-best` **{choice['chosen_lambda']:g}**: MIND's best mean Dice on "
+                     f"{plan['pairs']} second-contrast training pairs (seed 0; "
+                     f"{', '.join(plan['sources'])}; never the evaluation cases) over the grid "
+                     f"{', '.join(f'{v:g}' for v in plan['lambdas'])} (Dice {tried}; "
+                     "mind-best-lambda.md).")
     return lines
 
 
@@ -503,7 +665,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     abl.add_argument("--iterations", type=int, default=600,
                      help="training steps of each missing network (0: train nothing)")
     abl.add_argument("--checkpoints", default="runs/suits-ablation",
-                     help="folder of the ablation's own checkpoints (never Resources/)")
+                     help="folder of the ablation's own checkpoints, seed<S>/ in it (never "
+                          "Resources/)")
     abl.add_argument("--methods", default=",".join(ROWS), help=f"rows: {', '.join(ROWS)}")
     abl.add_argument("--cases", default="all", help="comma-separated case keys or 'all'")
     abl.add_argument("--spacing", type=float, default=2.0)
@@ -515,7 +678,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     abl.add_argument("--lr-end-to-end", type=float, default=1e-4,
                      help="phase suits (the paper: 1e-5 over a far longer run)")
     abl.add_argument("--threads", type=int)
-    abl.add_argument("--lambda-file", default="docs/methods/suits/lambda/lambda.json")
+    abl.add_argument("--val-every", type=int, help="default: a quarter of --iterations")
+    abl.add_argument("--val-cases", type=int, default=4)
+    abl.add_argument("--seeds", default="0",
+                     help="comma-separated training seeds of the networks (one folder each)")
+    abl.add_argument("--mind-lambdas", type=lambda s: [float(v) for v in s.split(",")],
+                     default=list(MIND_BEST_LAMBDAS),
+                     help="grid of the mind-best row's lambda (second-contrast training pairs)")
+    abl.add_argument("--mind-lambda-pairs", type=int, default=6,
+                     help="second-contrast training pairs that choose the mind-best lambda")
     args = parser.parse_args(argv)
     try:
         {"lambda": choose_lambda, "mi-weight": choose_mi_weight, "speed": speed,
