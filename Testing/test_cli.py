@@ -394,3 +394,20 @@ def test_methods_text_shows_each_model_card(capsys, tmp_path, monkeypatch):
     text = capsys.readouterr().out
     block = [b for b in text.split("\n\n") if b.startswith("vm-diff")][0]
     assert "sha256: 000000000000... (DOES NOT match the file" in block
+
+
+def test_the_process_exits_fast_with_every_line_written_and_the_right_code(files, tmp_path):
+    """``python -m DeepRegistrationLib`` and ``deepreg`` end with ``cli.run``: ``os._exit`` after
+    flushing, skipping the interpreter's teardown (issue #18). Piped output must still arrive
+    whole and the exit code must be main()'s."""
+    listed = run_cli("methods")
+    assert listed.returncode == 0, listed.stderr
+    from DeepRegistrationLib.methods import list_methods
+    names = [spec.name for spec in list_methods()]
+    assert all(f"{name} " in listed.stdout for name in names)
+    assert listed.stdout.rstrip().splitlines()[-1].strip()  # the last method's lines arrived
+    refused = run_cli("register", str(tmp_path / "missing.nii.gz"), files["moving"],
+                      "--output", str(tmp_path / "out"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    with open(os.path.join(ROOT, "pyproject.toml")) as handle:
+        assert 'deepreg = "DeepRegistrationLib.cli:run"' in handle.read()
