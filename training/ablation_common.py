@@ -2,10 +2,14 @@
 share, so that their arms are trained, tabulated and timed the same way and their outputs stay
 comparable: the trainer command line, the per-case CSV and the table of means, the speed of the
 deployed network with random weights, and the command-line frame (sub-commands, exit status).
-``training/suits_ablation.py`` tabulates with the same per-case CSV and table of means.
+``training/suits_ablation.py`` tabulates with the same per-case CSV and table of means. Also
+the trainer's loss options an ablation passes on and records (``--guidance``,
+``--clean-similarity``), and the export of a run's *final* weights, so that arms trained for the
+same number of steps are evaluated at that step rather than at their best validation step.
 
-(Their per-case metrics and paired statistics, ``finished``, ``paired``, ``compare_arms``,
-``comparisons_table`` and ``case_metrics``, are in ``mmln_ablation.py``, which came first.)
+(Their per-case metrics and paired statistics, ``finished``, ``paired``, ``seed_means``,
+``compare_arms``, ``comparisons_table`` and ``case_metrics``, are in ``mmln_ablation.py``, which
+came first.)
 """
 from __future__ import annotations
 
@@ -42,6 +46,139 @@ def trainer_command(method: str, config: Dict, seed: int, output: str, args,
         if value is not None:
             command += [f"--{option.replace('_', '-')}", str(value)]
     return command
+
+
+def json_object(text: str) -> str:
+    """argparse type of ``--guidance``: a JSON object, checked here so that a typo stops the
+    ablation before its first training run rather than inside it; passed on as written."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{}' or "
+                                         "'{\"supervised\": 0.5}'")
+    return text
+
+
+def add_loss_options(parser: argparse.ArgumentParser) -> None:
+    """``--guidance`` and ``--clean-similarity``, passed on to ``python -m training train`` as
+    they are (see ``training/__main__.py``); unset, every arm gets the recipe's."""
+    parser.add_argument("--guidance", type=json_object,
+                        help="JSON weights of the trainer's guidance terms on the final field; "
+                             "default: the recipe's; '{}' trains without them")
+    parser.add_argument("--clean-similarity", choices=("yes", "no"), dest="clean_similarity",
+                        help="score the similarity before the acquisition effects (default: "
+                             "the recipe's)")
+
+
+def training_losses(card: Dict) -> Dict:
+    """The guidance terms and clean similarity a run was trained with (its model card)."""
+    training = card.get("training") or {}
+    return {"guidance": training.get("guidance"),
+            "clean_similarity": training.get("clean_similarity")}
+
+
+def check_kept_run(card: Dict, args, output: str) -> None:
+    """A run kept from an earlier call must have been trained with the ``--guidance`` and
+    ``--clean-similarity`` asked for now: otherwise its arm would silently differ from the ones
+    trained now (an unset option means the recipe's and is not checked)."""
+    trained = training_losses(card)
+    asked = {}
+    if getattr(args, "guidance", None) is not None:
+        asked["guidance"] = {k: float(v) for k, v in json.loads(args.guidance).items()}
+        trained["guidance"] = {k: float(v) for k, v in (trained["guidance"] or {}).items()}
+    if getattr(args, "clean_similarity", None) is not None:
+        asked["clean_similarity"] = args.clean_similarity == "yes"
+    differing = {k: (trained[k], v) for k, v in asked.items() if trained[k] != v}
+    if differing:
+        said = "; ".join(f"{k} {was} (asked {now})" for k, (was, now) in differing.items())
+        raise UserInputError(f"{output} was trained with {said}; use --retrain, or another "
+                             "--output")
+
+
+def training_losses_lines(cards: Dict[Tuple[int, str], Dict]) -> List[str]:
+    """Report lines: the guidance terms and clean similarity of the runs (their model cards),
+    once when every run had the same, else per (seed, arm)."""
+    described = {key: json.dumps(training_losses(card), sort_keys=True)
+                 for key, card in sorted(cards.items())}
+    if len(set(described.values())) == 1:
+        return [f"Trained with the trainer's loss options {next(iter(described.values()))} "
+                "(every arm and seed; model cards)."]
+    return ["Trained with different loss options (model cards):", ""] + [
+        f"- seed {seed} {arm}: {text}" for (seed, arm), text in described.items()]
+
+
+# ----------------------------------------------------------------------------- final weights
+def resume_path(checkpoint: str) -> str:
+    """The trainer's ``NAME.resume.pt`` beside ``NAME.pt``: the weights at the run's last step
+    (with its optimiser and step), while ``NAME.pt`` holds its best validation step's."""
+    return os.path.splitext(checkpoint)[0] + ".resume.pt"
+
+
+def final_step_validation(card: Dict, step: int) -> Optional[Dict]:
+    """The card's validation block re-pointed at ``step``'s record of its history (the trainer
+    validates on the working grid after its last step), or None without such a record."""
+    validation = card.get("validation") or {}
+    spacing = card.get("working_spacing_mm")
+    record = next((h for h in reversed(validation.get("history") or [])
+                   if h.get("step") == step and h.get("spacing_mm") == spacing), None)
+    if record is None:
+        return None
+    metrics = {k: v for k, v in record.items() if k not in ("step", "spacing_mm")}
+    return dict(validation, step=step, metrics=metrics)
+
+
+def export_final_weights(checkpoint: str, destination: str) -> Dict:
+    """Write the weights at the end of ``checkpoint``'s run (its ``NAME.resume.pt``) as a
+    checkpoint of their own at ``destination``, with a model card; returns the card.
+
+    Arms trained for the same number of steps are compared at that step: the best-validation
+    checkpoints of two arms come from different steps, so a difference between them could be
+    the step's, not the arm's. The card is the run's, its ``validation`` that of the final step
+    (the best step's moves to ``best_step_validation``), plus ``weights``: which weights these
+    are, the step, and the resume state's sha256."""
+    from DeepRegistrationLib.methods import get_method, save_checkpoint
+    from DeepRegistrationLib.methods.base import read_checkpoint, read_model_card, sha256_of
+
+    resume = resume_path(checkpoint)
+    card = read_model_card(checkpoint)
+    if card is None or not os.path.isfile(resume):
+        raise UserInputError(f"{checkpoint}: the final weights need its model card and "
+                             f"{os.path.basename(resume)} beside it (the trainer writes both)")
+    state = read_checkpoint(resume)
+    spec = get_method(state["method"])
+    network = spec.build_network(state["config"])
+    network.load_state_dict(state["state_dict"])
+    step = int(state["step"])
+    ended = (card.get("training") or {}).get("run_iterations")
+    if ended is not None and int(ended) != step:
+        # e.g. a continuation stopped part-way: its resume state is ahead of the finished card
+        raise UserInputError(f"{os.path.basename(resume)} is at step {step} but the run of "
+                             f"{os.path.basename(checkpoint)} ended at step {ended}: finish "
+                             "the run (train it again) before evaluating it")
+    exported = dict(card, best_step_validation=card.get("validation"),
+                    validation=final_step_validation(card, step),
+                    weights={"which": "final", "step": step,
+                             "resume_state": os.path.basename(resume),
+                             "resume_sha256": sha256_of(resume),
+                             "best_checkpoint": os.path.basename(checkpoint),
+                             "best_step": (card.get("validation") or {}).get("step")})
+    for key in ("sha256", "size_bytes", "checkpoint"):  # save_checkpoint writes the new file's
+        exported.pop(key, None)
+    return save_checkpoint(destination, network, state["method"], state["config"], exported)
+
+
+def require_same_steps(cards: Dict[Tuple[int, str], Dict]) -> int:
+    """The one step every exported (seed, arm) run ended at; a user error naming the runs when
+    they differ (an interrupted or shorter run would be compared at another step)."""
+    steps = {key: card["weights"]["step"] for key, card in cards.items()}
+    if len(set(steps.values())) > 1:
+        listed = ", ".join(f"seed {seed} {arm}: {step}" for (seed, arm), step
+                           in sorted(steps.items()))
+        raise UserInputError(f"the runs ended at different steps ({listed}); finish them "
+                             "(train again with the same --iterations) before comparing")
+    return next(iter(steps.values()))
 
 
 # -------------------------------------------------------------------------------- evaluation

@@ -6,11 +6,11 @@ Four steps, each writing under ``--output`` (commit ``*.md``, ``*.csv``, ``*.jso
 training logs and model cards; not the weights)::
 
     # 1. k on the L baseline, on the trainer's held-out *validation* cases (never the evaluation
-    #    cases): the largest k whose strict folding there is still non-zero
+    #    cases): the largest k whose strict folding there, at the run's last step, is non-zero
     python -m training.mmln_ablation choose-k --ks 4,2,1,0.5 --iterations 3000 --output DIR
     # 2. every arm with that k, same steps, two seeds (checkpoints DIR/seed<S>/mmln-<ARM>.pt)
     python -m training.mmln_ablation train --k K --iterations 3000 --seeds 0,1 --output DIR
-    # 3. every arm on the evaluation cases, paired per-case statistics
+    # 3. every arm's final weights on the evaluation cases, paired per-case statistics
     python -m training.mmln_ablation evaluate --cases full --output DIR
     # 4. seconds of the deployed network on a 2 mm pair (random weights will do: the cost does
     #    not depend on them)
@@ -20,16 +20,27 @@ Arms: ``L`` (the pyramid alone), ``LC`` (+ core branch), ``LCD`` (+ core + 2-D b
 the negative controls ``LC-uncoupled``, ``LCD-uncoupled`` (the same branches with the gradient
 path into the pyramid cut: the branch weights cannot change the deployed network, so these must
 match ``L`` up to seed noise). Training goes through ``python -m training train`` (any
-``--recipe`` or ``--source`` is passed on), one arm after another.
+``--recipe``, ``--source``, ``--guidance`` or ``--clean-similarity`` is passed on; unset, the
+recipe's guidance terms and clean similarity train every arm; ``--guidance '{}'
+--clean-similarity no`` trains each with its own loss alone), one arm after another.
+
+Weights evaluated: each arm's *final* weights, the step every arm was trained for (the trainer
+keeps its best validation step in ``NAME.pt``, which differs between arms; the final weights are
+in its ``NAME.resume.pt``). ``evaluate`` exports them to ``DIR/seed<S>/final/mmln-<ARM>.pt`` with
+a model card saying so, refuses runs that ended at different steps, and records the step.
 
 Metrics per case (all from the displacement on the fixed grid): folding by the strict measure
 (a voxel folds when any of its 8 one-sided finite-difference Jacobians has det <= 0; primary) and
 by central differences, SDlogJ, the smallest det J (both measures), then mean Dice, the mean error
 against the ground-truth field in mm and the label volume error (mean over labels of
 ``|V(warped moving label) / V(fixed label) - 1|``). Each case is marked seen / unseen: whether its
-source is among the checkpoint's training sources (its model card). Comparisons are paired over
-(case, seed): mean difference, how many units go each way, and the two-sided Wilcoxon
-signed-rank p-value (``zsplit`` ties, so cases where both arms have no folding count as ties).
+source is among the checkpoint's training sources (its model card); the means and the paired
+comparisons are given for all cases, the unseen and the seen ones. Comparisons are paired over
+*cases*, each arm's seeds averaged per case first (two seeds of a case register the same images,
+so they are not independent samples: counting them as units would overstate significance; the
+per-seed rows stay in ``per_case.csv``): mean difference, how many cases go each way, and the
+two-sided Wilcoxon signed-rank p-value (``zsplit`` ties, so cases where both arms have no folding
+count as ties).
 """
 from __future__ import annotations
 
@@ -49,9 +60,12 @@ import numpy as np  # noqa: E402
 
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
-from .ablation_common import (ablation_parser, add_evaluate_and_speed, means_table,  # noqa: E402
+from .ablation_common import (SUBSETS, ablation_parser, add_evaluate_and_speed,  # noqa: E402
+                              add_loss_options, check_kept_run, export_final_weights,
+                              final_step_validation, means_table, require_same_steps,
                               run_command, speed_sentence, time_deployed_network,
-                              trainer_command, write_per_case_csv)
+                              trainer_command, training_losses, training_losses_lines,
+                              write_per_case_csv)
 
 PROG = "python -m training.mmln_ablation"
 ARMS = ("L", "LC", "LCD", "LC-uncoupled", "LCD-uncoupled")
@@ -73,9 +87,12 @@ def arm_config(arm: str, k: float) -> Dict:
 def train_arm(arm: str, k: float, seed: int, output: str, args) -> Dict:
     """Train one arm with ``python -m training train``; returns its model card."""
     command = trainer_command("mmln", arm_config(arm, k), seed, output, args,
-                              ("recipe", "source", "threads", "val_every", "val_cases"))
+                              ("recipe", "source", "threads", "val_every", "val_cases",
+                               "guidance", "clean_similarity"))
     card_path = os.path.splitext(output)[0] + ".json"
     if finished(card_path, args.iterations) and not args.retrain:
+        with open(card_path) as handle:
+            check_kept_run(json.load(handle), args, output)
         print(f"{output}: trained already, kept (--retrain to train again)", file=sys.stderr)
     else:
         print(" ".join(command), file=sys.stderr, flush=True)
@@ -97,40 +114,53 @@ def finished(card_path: str, iterations: int) -> bool:
     return int(card["training"].get("run_iterations", 0)) >= iterations
 
 
-def validation_folding(card: Dict) -> float:
-    """The strict folding of the best checkpoint on the trainer's validation cases when the
-    trainer records it, else its central-difference folding."""
-    metrics = card["validation"]["metrics"]
+def final_validation(card: Dict) -> Dict:
+    """The validation block (``step``, ``metrics``) of the run's last step, the weights the
+    evaluation compares; of its best step when the card's history lacks the last one (the
+    ``step`` says which)."""
+    final = final_step_validation(card, int(card["training"].get("run_iterations", -1)))
+    return final or card["validation"]
+
+
+def validation_folding(metrics: Dict) -> float:
+    """The strict folding on the trainer's validation cases when the trainer records it, else
+    the central-difference folding."""
     return float(metrics.get("folding_percent_strict", metrics["folding_percent"]))
 
 
 def command_choose_k(args) -> None:
     ks = sorted((float(k) for k in args.ks.split(",")), reverse=True)
-    rows = []
+    rows, cards = [], {}
     for k in ks:
         output = os.path.join(args.output, "choose-k", f"k{k:g}", "mmln-L.pt")
-        card = train_arm("L", k, 0, output, args)
-        metrics = card["validation"]["metrics"]
-        rows.append({"k": k, "validation_folding": validation_folding(card),
+        card = cards[(0, f"L k={k:g}")] = train_arm("L", k, 0, output, args)
+        validation = final_validation(card)
+        metrics = validation["metrics"]
+        rows.append({"k": k, "validation_step": validation["step"],
+                     "validation_folding": validation_folding(metrics),
                      "validation_dice": metrics["dice"], "validation_sdlogj": metrics["sdlogj"],
                      "validation_gt_error_mm": metrics["gt_error_mm"],
-                     "measure": "strict" if "folding_percent_strict" in metrics else "central"})
+                     "measure": "strict" if "folding_percent_strict" in metrics else "central",
+                     **training_losses(card)})
     folding = [r for r in rows if r["validation_folding"] > 0]
     chosen = max(folding, key=lambda r: r["k"]) if folding else min(rows, key=lambda r: r["k"])
     result = {"chosen_k": chosen["k"], "rule": "largest k whose L-arm folding on the trainer's "
-              "validation cases is non-zero" + ("" if folding else " (none folded: the smallest "
-                                                                    "k tried)"),
+              "validation cases at the run's last step is non-zero"
+              + ("" if folding else " (none folded: the smallest k tried)"),
               "candidates": rows, "iterations": args.iterations}
     with open(os.path.join(args.output, "choose_k.json"), "w") as handle:
         json.dump(result, handle, indent=2)
-    lines = ["| k | validation folding % | measure | Dice | SDlogJ | GT error mm |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['k']:g} | {r['validation_folding']:.4f} | {r['measure']} | "
+    lines = ["| k | step | validation folding % | measure | Dice | SDlogJ | GT error mm |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['k']:g} | {r['validation_step']} | {r['validation_folding']:.4f} | "
+              f"{r['measure']} | "
               f"{r['validation_dice']:.3f} | {r['validation_sdlogj']:.3f} | "
               f"{r['validation_gt_error_mm']:.2f} |" for r in rows]
+    losses = training_losses_lines(cards)
     with open(os.path.join(args.output, "choose_k.md"), "w") as handle:
         handle.write(f"# MMLN: k on the L baseline ({args.iterations} steps, seed 0)\n\n"
-                     + "\n".join(lines) + f"\n\nChosen k = {chosen['k']:g}: {result['rule']}.\n")
+                     + "\n".join(lines) + f"\n\nChosen k = {chosen['k']:g}: {result['rule']}.\n\n"
+                     + "\n".join(losses) + "\n")
     print(f"chosen k = {chosen['k']:g}")
 
 
@@ -168,16 +198,33 @@ def case_metrics(case, displacement) -> Dict[str, float]:
     return values
 
 
-def trained_sources(folder: str, arm: str) -> List[str]:
-    from DeepRegistrationLib.methods.base import model_card_path
-    from DeepRegistrationLib.methods.mmln import checkpoint_name
-    with open(model_card_path(os.path.join(folder, checkpoint_name(arm)))) as handle:
-        card = json.load(handle)
+def trained_sources(card: Dict) -> List[str]:
     return [source["name"] for source in card["data"]["sources"]]
 
 
+def seed_means(rows: List[Dict], metrics: Sequence[Tuple[str, bool]]) -> List[Dict]:
+    """One row per (arm, case): each of ``metrics`` averaged over the arm's seeds of that case
+    (NaN skipped), ``seed`` the seeds averaged (``"0,1"``), the other keys the first seed's.
+
+    ``paired`` over these rows counts each case once: two seeds of a case register the same
+    images, so treating (case, seed) as independent units would overstate significance. Arms
+    pair only where they averaged the same seeds (``seed`` is part of the unit)."""
+    groups: Dict[Tuple[str, str], List[Dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["case"]), []).append(row)
+    means = []
+    for group in groups.values():
+        mean = dict(group[0], seed=",".join(str(s) for s in sorted({r["seed"] for r in group})))
+        for metric, _ in metrics:
+            values = [r[metric] for r in group if np.isfinite(r[metric])]
+            mean[metric] = float(np.mean(values)) if values else float("nan")
+        means.append(mean)
+    return means
+
+
 def paired(rows: List[Dict], first: str, second: str, metric: str) -> Optional[Dict]:
-    """Paired comparison of two arms over the (case, seed) units both have."""
+    """Paired comparison of two arms over the (case, seed) units both have (``seed_means``
+    first makes the units cases)."""
     from scipy.stats import wilcoxon
     by_unit = {}
     for row in rows:
@@ -239,55 +286,102 @@ def comparisons_table(comparisons: List[Dict], labels: Sequence[str]) -> List[st
                      f"{c['wilcoxon_p']:.3g} |")
     return lines
 
-def command_evaluate(args) -> None:
+def final_folder(output: str, seed: int) -> str:
+    """Where ``evaluate`` writes seed ``seed``'s final weights, one checkpoint per arm."""
+    return os.path.join(output, f"seed{seed}", "final")
+
+
+def export_arms(output: str) -> Dict[Tuple[int, str], Dict]:
+    """Every trained (seed, arm)'s final weights exported into ``final_folder``; their model
+    cards by (seed, arm). A user error when there is nothing to evaluate or the runs ended at
+    different steps (arms must be compared at the same step)."""
     from DeepRegistrationLib.methods.mmln import checkpoint_name
+
+    folders = os.listdir(output) if os.path.isdir(output) else []
+    seeds = sorted(int(d[4:]) for d in folders if d.startswith("seed") and d[4:].isdigit())
+    cards = {}
+    for seed in seeds:
+        for arm in ARMS:
+            checkpoint = os.path.join(output, f"seed{seed}", checkpoint_name(arm))
+            if not os.path.isfile(checkpoint):
+                print(f"seed{seed}/{arm}: no checkpoint, skipped", file=sys.stderr)
+                continue
+            cards[(seed, arm)] = export_final_weights(
+                checkpoint, os.path.join(final_folder(output, seed), checkpoint_name(arm)))
+    if not cards:
+        raise UserInputError(f"no seed<N> folders with checkpoints in {output}; run "
+                             "'python -m training.mmln_ablation train' first")
+    require_same_steps(cards)
+    return cards
+
+
+def command_evaluate(args) -> None:
     from .data import available_sources
     from .evaluate import build_cases, case_specs, run_one
     import torch
 
-    seeds = sorted(d for d in os.listdir(args.output) if d.startswith("seed"))
-    if not seeds:
-        raise UserInputError(f"no seed<N> folders with checkpoints in {args.output}; run "
-                             "'python -m training.mmln_ablation train' first")
+    cards = export_arms(args.output)
     cases = build_cases(args.cases, os.path.join(args.output, "cases"))
     sources = {spec.name: spec.source for spec in case_specs(args.cases, available_sources())}
     rows = []
-    for seed_folder in seeds:
-        folder = os.path.join(args.output, seed_folder)
-        os.environ["DEEPREG_CHECKPOINTS"] = os.path.abspath(folder)
-        for arm in ARMS:
-            if not os.path.isfile(os.path.join(folder, checkpoint_name(arm))):
-                print(f"{seed_folder}/{arm}: no checkpoint, skipped", file=sys.stderr)
-                continue
-            seen = trained_sources(folder, arm)
-            for case in cases:
-                job = {"kind": "method", "name": "mmln", "fixed": case.paths["fixed"],
-                       "moving": case.paths["moving"], "options": {"variant": arm}}
-                result = run_one(job)
-                values = case_metrics(case, torch.from_numpy(result["displacement"]))
-                row = {"seed": int(seed_folder[4:]), "arm": arm, "case": case.name,
-                       "source": sources[case.name],
-                       "anatomy": "seen" if sources[case.name] in seen else "unseen",
-                       "seconds": result["seconds"], **values}
-                rows.append(row)
-                print(f"{seed_folder} {arm} {case.name}: " + " ".join(
-                    f"{m} {row[m]:.4f}" for m, _ in METRICS), file=sys.stderr, flush=True)
-    write_evaluation(args, rows)
+    for (seed, arm), card in sorted(cards.items()):
+        # the engine finds the arm's checkpoint by name: the final weights' folder first
+        os.environ["DEEPREG_CHECKPOINTS"] = os.path.abspath(final_folder(args.output, seed))
+        seen = trained_sources(card)
+        for case in cases:
+            job = {"kind": "method", "name": "mmln", "fixed": case.paths["fixed"],
+                   "moving": case.paths["moving"], "options": {"variant": arm}}
+            result = run_one(job)
+            values = case_metrics(case, torch.from_numpy(result["displacement"]))
+            row = {"seed": seed, "arm": arm, "step": card["weights"]["step"], "case": case.name,
+                   "source": sources[case.name],
+                   "anatomy": "seen" if sources[case.name] in seen else "unseen",
+                   "seconds": result["seconds"], **values}
+            rows.append(row)
+            print(f"seed{seed} {arm} {case.name}: " + " ".join(
+                f"{m} {row[m]:.4f}" for m, _ in METRICS), file=sys.stderr, flush=True)
+    write_evaluation(args, rows, cards)
 
 
-def write_evaluation(args, rows: List[Dict]) -> None:
+def paired_comparisons(rows: List[Dict]) -> List[Dict]:
+    """``COMPARISONS`` paired per case (seeds averaged first: ``seed_means``) over all cases,
+    the unseen and the seen ones: the claim should hold on anatomy the networks never saw."""
+    per_case = seed_means(rows, METRICS)
+    results = []
+    for subset in SUBSETS:
+        chosen = [r for r in per_case if subset in ("all", r["anatomy"])]
+        results += compare_arms(chosen, COMPARISONS, METRICS, anatomy=subset)
+    return results
+
+
+def setup_lines(rows: List[Dict], cards: Dict[Tuple[int, str], Dict]) -> List[str]:
+    """What was compared: the weights (final, at which step), the loss options, the unseen
+    anatomy, and how the paired statistics count."""
+    steps = sorted({card["weights"]["step"] for card in cards.values()})
+    best = sorted({card["weights"]["best_step"] for card in cards.values()
+                   if card["weights"]["best_step"] is not None})
+    unseen = sorted({r["source"] for r in rows if r["anatomy"] == "unseen"})
+    return [f"Weights evaluated: each arm's final weights, step {', '.join(map(str, steps))} "
+            "(exported from the trainer's NAME.resume.pt into seed<S>/final/); not the best "
+            f"validation checkpoints (their steps: {', '.join(map(str, best)) or 'none'}).",
+            "", *training_losses_lines(cards), "",
+            "Unseen anatomy (sources no arm was trained on): "
+            + (", ".join(unseen) if unseen else "none among these cases: the unseen rows and "
+               "comparisons are absent") + "."]
+
+
+def write_evaluation(args, rows: List[Dict], cards: Dict[Tuple[int, str], Dict]) -> None:
     folder = args.output
-    columns = ["seed", "arm", "case", "source", "anatomy", "seconds"] + [m for m, _ in METRICS] \
-        + ["ncc", "hd95"]
+    columns = ["seed", "arm", "step", "case", "source", "anatomy", "seconds"] \
+        + [m for m, _ in METRICS] + ["ncc", "hd95"]
     write_per_case_csv(os.path.join(folder, "per_case.csv"), rows, columns)
-    comparisons = []
-    for subset in ("all", "unseen", "seen"):
-        chosen = rows if subset == "all" else [r for r in rows if r["anatomy"] == subset]
-        comparisons += compare_arms(chosen, COMPARISONS, METRICS, anatomy=subset)
+    comparisons = paired_comparisons(rows)
     write_comparisons_csv(os.path.join(folder, "comparisons.csv"), comparisons)
     lines = means_table(f"MMLN ablation ({args.cases} cases)", rows, ARMS, METRICS)
+    lines += ["", *setup_lines(rows, cards)]
     print("\n".join(lines))
-    lines += ["", "## Paired comparisons (first - second over the same (case, seed))", ""]
+    lines += ["", "## Paired comparisons (first - second per case; each arm's seeds averaged "
+                  "per case first, so units are cases)", ""]
     lines += comparisons_table(comparisons, ("anatomy",))
     with open(os.path.join(folder, "results.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -345,6 +439,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--threads", type=int)
         command.add_argument("--val-every", type=int, dest="val_every")
         command.add_argument("--val-cases", type=int, dest="val_cases")
+        add_loss_options(command)
         command.add_argument("--retrain", action="store_true",
                              help="train again even where a checkpoint exists")
 

@@ -4,8 +4,8 @@ and do they recover from a mis-set start?
 The paper reports bilevel = hand-set on brains (its Table 4, +-0.006 Dice) and a gain when moving
 to a new task (liver CT, +0.03 Dice). The protocol here (docs/methods/multiprop.md)::
 
-    # 1. every arm, same steps, one or more seeds (DIR/seed<S>/<arm>/multiprop[-bilevel].pt)
-    python -m training.multiprop_ablation train --iterations 6000 --seeds 0 --recipe general \\
+    # 1. every arm, same steps, two seeds (DIR/seed<S>/<arm>/multiprop[-bilevel].pt)
+    python -m training.multiprop_ablation train --iterations 6000 --seeds 0,1 --recipe general \\
         --output DIR
     # 2. every arm on the evaluation cases (training/evaluate.py, stream 2: never trained on,
     #    never used to choose), paired comparisons, the weight trajectories and the recovery test
@@ -18,11 +18,22 @@ Arms (``ARMS``): ``default`` (hand-set weights), ``bilevel`` (tuned from them), 
 ``reg10`` (the regularisation weight mis-set x0.1 / x10, fixed), ``bilevel-reg0.1`` and
 ``bilevel-reg10`` (tuned from each mis-set start), ``additive`` (the public code's propagation,
 hand-set weights). ``reg0.1``, ``default`` and ``reg10`` are the 3-point grid: its best is chosen
-on the trainer's *validation* Dice (the model cards), never on the evaluation cases. The claim
-tested: bilevel from a mis-set start recovers at least half of the gap between the mis-set arm
-and the grid's best (Dice and ground-truth error), printed as holds / fails. The transfer case
-(weights hand-set for brains, trained on the CT source) is ``train --arms default,bilevel
---source invesalius-ct --output DIR-ct``.
+per seed on the trainer's *validation* Dice (the model cards), never on the evaluation cases, and
+enters the comparisons as the arm ``grid-best``.
+
+The claim tested: bilevel from a mis-set start recovers at least half of the gap between the
+mis-set arm and the grid's best (Dice and ground-truth error). The recovered share is given per
+seed and over the seeds (each case's seeds averaged) with a 95 % bootstrap interval over the
+cases: *holds* when the whole interval is >= 0.5, *fails* when it is all below, else
+*inconclusive*; for all cases, the unseen and the seen ones. Paired comparisons (Wilcoxon) are
+over cases, each arm's seeds averaged per case first (two seeds of a case are not independent
+samples), for all cases, the unseen and the seen ones; they include bilevel from each mis-set
+start against ``grid-best``.
+
+The transfer case (issue #12: weights set on brains, then trained on the CT source): the
+hand-set defaults were never tuned on brains, so the brain-tuned weights are the grid's best on
+brains; ``evaluate`` names it and prints the command, e.g. ``train --arms default,bilevel
+--source invesalius-ct --output DIR-ct`` when ``default`` is the best.
 """
 from __future__ import annotations
 
@@ -32,19 +43,21 @@ configure_openmp()  # before torch (see runtime.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from typing import Dict, List, Optional, Sequence  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
-from .ablation_common import (ablation_parser, add_evaluate_and_speed, means_table,  # noqa: E402
-                              run_command, speed_sentence, time_deployed_network,
-                              trainer_command, write_per_case_csv)
-from .mmln_ablation import finished, paired  # noqa: E402  (the same bookkeeping)
+from .ablation_common import (SUBSETS, ablation_parser, add_evaluate_and_speed,  # noqa: E402
+                              means_table, run_command, speed_sentence, time_deployed_network,
+                              trainer_command, training_losses_lines, write_per_case_csv)
+from .mmln_ablation import (compare_arms, comparisons_table, finished,  # noqa: E402
+                            seed_means, write_comparisons_csv)  # (the same bookkeeping)
 
 PROG = "python -m training.multiprop_ablation"
 
@@ -59,12 +72,28 @@ ARMS = {
     "additive": ("default", {"propagation": "additive"}),
 }
 GRID = ("reg0.1", "default", "reg10")
+GRID_BEST = "grid-best"  # per seed, the grid arm with the best validation Dice (grid_best)
+BILEVEL_FROM = {"default": "bilevel", "reg0.1": "bilevel-reg0.1", "reg10": "bilevel-reg10"}
 RECOVERY = (("bilevel-reg0.1", "reg0.1"), ("bilevel-reg10", "reg10"))
 COMPARISONS = (("bilevel", "default"), ("bilevel-reg0.1", "reg0.1"),
-               ("bilevel-reg10", "reg10"), ("additive", "default"))
+               ("bilevel-reg10", "reg10"), ("bilevel-reg0.1", GRID_BEST),
+               ("bilevel-reg10", GRID_BEST), ("additive", "default"))
+RECOVERY_METRICS = (("dice", False), ("gt_error_mm", True))
+BOOTSTRAP_RESAMPLES = 2000
 # True where lower is better
 METRICS = (("dice", False), ("gt_error_mm", True), ("folding_percent_strict", True),
            ("folding_percent", True), ("sdlogj", True))
+
+
+def _nan_to_none(value):
+    """``value`` with every float NaN (nested in dicts and lists) replaced by None."""
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def arm_path(folder: str, seed: int, arm: str) -> str:
@@ -152,53 +181,151 @@ def grid_best(cards: Dict, seed: int) -> Optional[str]:
     return max(scored)[1] if len(scored) == len(GRID) else None
 
 
-def recovery(rows: List[Dict], cards: Dict) -> List[Dict]:
-    """Per seed and mis-set start: the share of the gap (grid best - mis-set arm) that bilevel
-    from that start closes, for Dice and the ground-truth error (means over the cases)."""
-    results = []
-    for seed in sorted({r["seed"] for r in rows}):
-        best = grid_best(cards, seed)
-        if best is None:
-            continue
+def with_grid_best(rows: List[Dict], cards: Dict) -> List[Dict]:
+    """``rows`` plus, for each seed with a complete grid, a copy of its best grid arm's rows as
+    the arm ``GRID_BEST`` (``grid_best_of`` saying which), so that arms can be paired with the
+    grid's best even where the seeds chose different grid arms."""
+    best = {seed: grid_best(cards, seed) for seed in {r["seed"] for r in rows}}
+    return rows + [dict(r, arm=GRID_BEST, grid_best_of=r["arm"]) for r in rows
+                   if best[r["seed"]] == r["arm"]]
 
-        def mean(arm, metric):
-            values = [r[metric] for r in rows if r["seed"] == seed and r["arm"] == arm]
-            return float(np.mean(values)) if values else float("nan")
-        for tuned, misset in RECOVERY:
-            for metric, lower_better in (("dice", False), ("gt_error_mm", True)):
-                gap = mean(best, metric) - mean(misset, metric)
-                gained = mean(tuned, metric) - mean(misset, metric)
-                share = gained / gap if gap else float("nan")
-                results.append({"seed": seed, "start": misset, "grid_best": best,
-                                "metric": metric, "misset": mean(misset, metric),
-                                "grid_best_value": mean(best, metric),
-                                "bilevel": mean(tuned, metric), "recovered_share": share,
-                                "claim": "holds" if share >= 0.5 else "fails"})
+
+def paired_comparisons(rows: List[Dict], cards: Dict) -> List[Dict]:
+    """``COMPARISONS`` paired per case, each arm's seeds averaged per case first
+    (``seed_means``), over all cases, the unseen and the seen ones."""
+    per_case = seed_means(with_grid_best(rows, cards), METRICS)
+    results = []
+    for subset in SUBSETS:
+        chosen = [r for r in per_case if subset in ("all", r["anatomy"])]
+        results += compare_arms(chosen, COMPARISONS, METRICS, anatomy=subset)
     return results
 
 
+# ---------------------------------------------------------------------------------- recovery
+def case_values(rows: List[Dict], arms: Sequence[str], metric: str) -> List[np.ndarray]:
+    """``metric`` of each of ``arms`` over the cases every one of them has (one row per arm and
+    case expected: one seed's rows, or ``seed_means``), in the same case order."""
+    by_arm = {arm: {r["case"]: r[metric] for r in rows if r["arm"] == arm} for arm in arms}
+    cases = sorted(set.intersection(*(set(values) for values in by_arm.values())))
+    return [np.array([by_arm[arm][case] for case in cases], float) for arm in arms]
+
+
+def recovered_share(tuned: np.ndarray, misset: np.ndarray, best: np.ndarray) -> float:
+    """The share of the gap between the mis-set arm and the grid's best (means over cases) that
+    bilevel from the mis-set start closes: 0 = stayed put, 1 = reached the best; NaN without a
+    gap. The sign of the gap makes it right for lower-is-better metrics too."""
+    gap = float(np.mean(best) - np.mean(misset))
+    return float((np.mean(tuned) - np.mean(misset)) / gap) if gap else float("nan")
+
+
+def bootstrap_interval(tuned: np.ndarray, misset: np.ndarray, best: np.ndarray,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Tuple[float, float]:
+    """The 95 % percentile interval of ``recovered_share`` over cases resampled with
+    replacement (the same cases for the three arms: they are paired). Resamples without a gap
+    are left out; NaN when none has one."""
+    generator = np.random.default_rng(seed)
+    shares = []
+    for _ in range(resamples):
+        chosen = generator.integers(0, len(tuned), len(tuned))
+        shares.append(recovered_share(tuned[chosen], misset[chosen], best[chosen]))
+    shares = np.array(shares)
+    if not np.isfinite(shares).any():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(shares, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    """The claim "recovers at least half of the gap" against the share's interval."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "no gap"
+    return "holds" if low >= 0.5 else "fails" if high < 0.5 else "inconclusive"
+
+
+def recovery(rows: List[Dict], cards: Dict) -> List[Dict]:
+    """For each anatomy subset, mis-set start and metric: the recovered share per seed, and over
+    the seeds (each case's seeds averaged) with its bootstrap interval over cases and the
+    verdict. Seeds without a complete grid or without the arms are left out."""
+    rows = with_grid_best(rows, cards)
+    results = []
+    for subset in SUBSETS:
+        chosen = [r for r in rows if subset in ("all", r["anatomy"])]
+        for tuned, misset in RECOVERY:
+            arms = (tuned, misset, GRID_BEST)
+            for metric, _ in RECOVERY_METRICS:
+                per_seed = {}
+                for seed in sorted({r["seed"] for r in chosen}):
+                    values = case_values([r for r in chosen if r["seed"] == seed], arms, metric)
+                    if len(values[0]):
+                        per_seed[seed] = recovered_share(*values)
+                if not per_seed:
+                    continue
+                pooled = seed_means([r for r in chosen if r["seed"] in per_seed], METRICS)
+                values = case_values(pooled, arms, metric)
+                low, high = bootstrap_interval(*values)
+                results.append({
+                    "anatomy": subset, "start": misset, "tuned": tuned, "metric": metric,
+                    "grid_best": {seed: grid_best(cards, seed) for seed in per_seed},
+                    "cases": len(values[0]), "misset": float(np.mean(values[1])),
+                    "grid_best_value": float(np.mean(values[2])),
+                    "bilevel": float(np.mean(values[0])), "per_seed_shares": per_seed,
+                    "recovered_share": recovered_share(*values), "interval_low": low,
+                    "interval_high": high, "claim": verdict(low, high)})
+    return results
+
+
+def recovery_table(results: List[Dict]) -> List[str]:
+    lines = ["| anatomy | start | grid best (validation) | metric | cases | mis-set | grid best "
+             "| bilevel | share per seed | share (seeds averaged) | 95 % interval (bootstrap "
+             "over cases) | claim (>= 0.5) |", "|" + "---|" * 12]
+    for r in results:
+        bests = ", ".join(f"{arm} (seed {seed})" for seed, arm in r["grid_best"].items())
+        shares = ", ".join((f"{share:.2f}" if np.isfinite(share) else "no gap")
+                           + f" (seed {seed})" for seed, share in r["per_seed_shares"].items())
+        lines.append(f"| {r['anatomy']} | {r['start']} | {bests} | {r['metric']} | "
+                     f"{r['cases']} | {r['misset']:.4f} | {r['grid_best_value']:.4f} | "
+                     f"{r['bilevel']:.4f} | {shares} | {r['recovered_share']:.2f} | "
+                     f"{r['interval_low']:.2f} to {r['interval_high']:.2f} | {r['claim']} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------- transfer
+def transfer_lines(cards: Dict) -> List[str]:
+    """The transfer case's arms: the grid's best on these brains and bilevel from it (the
+    hand-set defaults were never tuned on brains, so they are not "weights set on brains")."""
+    bests = {seed: grid_best(cards, seed) for seed in sorted({seed for seed, _ in cards})}
+    bests = {seed: arm for seed, arm in bests.items() if arm}
+    if not bests:
+        return ["No seed has the whole grid: the brain-tuned weights of the transfer case are "
+                "unknown."]
+    arms = list(dict.fromkeys(a for best in bests.values() for a in (best, BILEVEL_FROM[best])))
+    chosen = ", ".join(f"{arm} (seed {seed})" for seed, arm in bests.items())
+    return [f"Weights set on brains = the grid's best on them (validation Dice): {chosen}"
+            + (" -- the seeds disagree, so every one is a start" if len(set(bests.values())) > 1
+               else "") + ". Transfer run: `python -m training.multiprop_ablation train "
+            f"--arms {','.join(arms)} --source invesalius-ct --iterations N --output DIR-ct`, "
+            "then `evaluate --output DIR-ct`."]
+
+
+# ------------------------------------------------------------------------------------ report
 def write_evaluation(args, rows: List[Dict], cards: Dict) -> None:
     folder = args.output
     columns = ["seed", "arm", "case", "source", "anatomy", "seconds"] + [m for m, _ in METRICS]
     write_per_case_csv(os.path.join(folder, "per_case.csv"), rows, columns)
+    comparisons = paired_comparisons(rows, cards)
+    write_comparisons_csv(os.path.join(folder, "comparisons.csv"), comparisons)
+    recovered = recovery(rows, cards)
+    with open(os.path.join(folder, "recovery.json"), "w") as handle:
+        # strict JSON: an undefined share ("no gap") is null, not NaN
+        json.dump(_nan_to_none(recovered), handle, indent=2, allow_nan=False)
     lines = means_table(f"MultiProp ablation ({args.cases} cases)", rows, list(ARMS), METRICS)
+    lines += ["", *training_losses_lines(cards)]
     lines += ["", "## Recovery from a mis-set regularisation weight", "",
-              "| seed | start | grid best (validation) | metric | mis-set | grid best | bilevel |"
-              " recovered share | claim (>= 0.5) |", "|" + "---|" * 9]
-    for r in recovery(rows, cards):
-        lines.append(f"| {r['seed']} | {r['start']} | {r['grid_best']} | {r['metric']} | "
-                     f"{r['misset']:.4f} | {r['grid_best_value']:.4f} | {r['bilevel']:.4f} | "
-                     f"{r['recovered_share']:.2f} | {r['claim']} |")
-    lines += ["", "## Paired comparisons (first - second over the same (case, seed))", "",
-              "| first vs second | metric | units | difference | first lower / higher / ties | "
-              "Wilcoxon p |", "|" + "---|" * 6]
-    for first, second in COMPARISONS:
-        for metric, _ in METRICS:
-            c = paired(rows, first, second, metric)
-            if c:
-                lines.append(f"| {first} vs {second} | {metric} | {c['units']} | "
-                             f"{c['mean_difference']:+.4f} | {c['first_lower']} / "
-                             f"{c['first_higher']} / {c['ties']} | {c['wilcoxon_p']:.3g} |")
+              *recovery_table(recovered)]
+    lines += ["", "## Paired comparisons (first - second per case; each arm's seeds averaged "
+                  f"per case first, so units are cases; {GRID_BEST}: each seed's best grid arm "
+                  "by validation Dice)", "", *comparisons_table(comparisons, ("anatomy",))]
+    lines += ["", "## Transfer case", "", *transfer_lines(cards)]
     lines += ["", "## Final loss weights (model cards; trajectories in weights.json)", "",
               "| seed | arm | " + " | ".join(("similarity1", "similarity2", "regularisation",
                                                "folding")) + " |", "|" + "---|" * 6]
@@ -237,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train every arm and seed")
     train.add_argument("--iterations", type=int, required=True)
     train.add_argument("--output", required=True)
-    train.add_argument("--seeds", default="0")
+    train.add_argument("--seeds", default="0,1")
     train.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)}")
     train.add_argument("--config", default="{}",
                        help="config overrides for every arm (JSON), e.g. upper_every")
