@@ -396,7 +396,24 @@ def test_methods_text_shows_each_model_card(capsys, tmp_path, monkeypatch):
     assert "sha256: 000000000000... (DOES NOT match the file" in block
 
 
-def test_the_process_exits_fast_with_every_line_written_and_the_right_code(files, tmp_path):
+def test_run_ends_with_os_exit_unless_profiled(monkeypatch):
+    """``cli.run`` ends the process with ``os._exit(main())`` (no interpreter teardown), but
+    leaves by ``sys.exit`` under a profiler, whose report is written after the program returns."""
+    from DeepRegistrationLib import cli as module
+    exits = []
+    monkeypatch.setattr(module, "main", lambda: 2)
+    monkeypatch.setattr(module.os, "_exit", lambda code: exits.append(("os._exit", code)))
+    monkeypatch.setattr(module.sys, "gettrace", lambda: None)  # coverage may trace the tests
+    monkeypatch.setattr(module.sys, "getprofile", lambda: None)
+    module.run()
+    assert exits == [("os._exit", 2)]
+    monkeypatch.setattr(module.sys, "getprofile", lambda: print)  # any profile function
+    with pytest.raises(SystemExit) as stopped:
+        module.run()
+    assert stopped.value.code == 2 and exits == [("os._exit", 2)]
+
+
+def test_the_process_exits_with_every_line_written_and_the_right_code(files, tmp_path):
     """``python -m DeepRegistrationLib`` and ``deepreg`` end with ``cli.run``: ``os._exit`` after
     flushing, skipping the interpreter's teardown (issue #18). Piped output must still arrive
     whole and the exit code must be main()'s."""
