@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
 from .ablation_common import SUBSETS, means_table, write_per_case_csv  # noqa: E402
-from .mmln_ablation import (compare_arms, comparisons_table,  # noqa: E402
+from .mmln_ablation import (compare_arms, comparisons_table, seed_means,  # noqa: E402
                             write_comparisons_csv)
 
 LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -566,16 +566,13 @@ def summary_of_choice(selection: Dict) -> Dict:
                      for r in selection["results"].values()}}
 
 
-def beside_each_seed(rows: List[Dict], first: str, second: str) -> List[Dict]:
-    """The rows of two arms as (case, seed) units for ``paired``. A row that trains nothing was
-    registered once: it stands beside every seed of a trained one (each seed's network is a
-    unit), and two such rows pair once per case (repeating them would count a case twice)."""
+def per_case(rows: List[Dict], first: str, second: str) -> List[Dict]:
+    """The rows of two arms, one per (arm, case), for ``paired``: a trained arm's seeds averaged
+    (``mmln_ablation.seed_means``), a row that trains nothing as it was registered, once. Two
+    seeds register the same images, so (case, seed) units would count a case twice and
+    overstate significance; the unit is the case."""
     chosen = [r for r in rows if r["arm"] in (first, second)]
-    seeds = sorted({r["seed"] for r in chosen if r["arm"] in TRAINED_ROWS})
-    if not seeds:
-        return chosen
-    return [r if r["arm"] in TRAINED_ROWS else dict(r, seed=seed)
-            for r in chosen for seed in ([r["seed"]] if r["arm"] in TRAINED_ROWS else seeds)]
+    return [dict(r, seed="per case") for r in seed_means(chosen, METRICS)]
 
 
 def paired_comparisons(rows: List[Dict]) -> List[Dict]:
@@ -587,7 +584,7 @@ def paired_comparisons(rows: List[Dict]) -> List[Dict]:
             chosen = [r for r in rows if r["contrast"] == contrast
                       and anatomy in ("all", r["anatomy"])]
             for first, second in COMPARISONS:
-                results += compare_arms(beside_each_seed(chosen, first, second),
+                results += compare_arms(per_case(chosen, first, second),
                                         [(first, second)], METRICS, contrast=contrast,
                                         anatomy=anatomy)
     return results
