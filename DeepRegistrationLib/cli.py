@@ -252,6 +252,7 @@ def command_demo(args, reporter: Reporter) -> dict:
 
 def _card_lines(item: dict) -> List[str]:
     """The model card essentials of one ``describe()`` entry, as lines of text."""
+    from .cards import lineage_steps_text
     from .methods.base import model_card_path, sha256_of
 
     path = item["checkpoint"]
@@ -291,14 +292,9 @@ def _card_lines(item: dict) -> List[str]:
                 text += f" ({training['threads']} thread{'s' if training['threads'] != 1 else ''})"
         lines.append(text)
     command = str(card.get("command", "")).split()
-    total, runs = training.get("total_iterations"), training.get("runs") or 1
-    if runs > 1 and total is not None:  # the steps above continue earlier runs, all recorded
-        text = f"in total: {total} steps over {runs} runs"
-        if isinstance(training.get("total_wall_time_seconds"), (int, float)):
-            text += f", {training['total_wall_time_seconds'] / 3600:.1f} h wall time"
-        if not training.get("lineage_complete", True):
-            text += " (at least: an earlier run's record is incomplete)"
-        lines.append(text)
+    lineage = lineage_steps_text(training)
+    if lineage:  # the steps above continue earlier runs, counted in the totals
+        lines.append(f"in total: {lineage}")
     elif "--resume" in command[:-1]:  # the steps above continue an earlier run
         lines.append(f"continued from: {command[command.index('--resume') + 1]} (its steps "
                      "are not counted above)")

@@ -379,12 +379,10 @@ def model_card_lines(card: Optional[Mapping[str, Any]]) -> List[Tuple[str, str]]
         lines.append(("Seen anatomy", "; ".join(seen)))
     training = card.get("training") if isinstance(card.get("training"), Mapping) else {}
     steps = training.get("run_iterations", training.get("iterations", card.get("iterations")))
-    total, runs = training.get("total_iterations"), training.get("runs")
-    if isinstance(total, int) and isinstance(runs, int) and runs > 1:  # warm-started runs
-        text = f"{total} over {runs} runs"
-        if isinstance(training.get("total_wall_time_seconds"), (int, float)):
-            text += f" ({training['total_wall_time_seconds'] / 3600:.1f} h)"
-        lines.append(("Training steps", text))
+    from .cards import lineage_steps_text
+    lineage = lineage_steps_text(training)
+    if lineage:  # warm-started runs: the whole lineage's steps
+        lines.append(("Training steps", lineage))
     elif isinstance(steps, (int, float)) and not isinstance(steps, bool):
         lines.append(("Training steps", f"{int(steps)}"))
     validation = card.get("validation") if isinstance(card.get("validation"), Mapping) else {}

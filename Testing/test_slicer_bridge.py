@@ -392,8 +392,13 @@ def test_model_card_lines_from_a_shipped_card():
     vtn = shipped_card("vtn")["training"]
     assert vtn["runs"] > 1 and vtn["total_iterations"] > vtn["iterations"]
     assert dict(bridge.model_card_lines(shipped_card("vtn")))["Training steps"] == (
-        f"{vtn['total_iterations']} over {vtn['runs']} runs "
-        f"({vtn['total_wall_time_seconds'] / 3600:.1f} h)")
+        f"{vtn['total_iterations']} steps over {vtn['runs']} runs, "
+        f"{vtn['total_wall_time_seconds'] / 3600:.1f} h of training")
+    # an incomplete lineage says so in the panel too (the same wording as deepreg methods)
+    older = dict(vtn, total_wall_time_seconds=None, lineage_complete=False)
+    assert dict(bridge.model_card_lines({"training": older}))["Training steps"] == (
+        f"{vtn['total_iterations']} steps over {vtn['runs']} runs (at least: an earlier run's "
+        "record is incomplete)")
     assert bridge.model_card_lines(None) == [] and bridge.model_card_lines({}) == []
     odd = dict(bridge.model_card_lines({"data": {"sources": [{"name": "scan7", "modality": "CT"}]},
                                         "validation": {"metrics": {"dice": 0.8}}}))
