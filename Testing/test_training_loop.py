@@ -88,6 +88,22 @@ def test_resume_continues_where_the_run_stopped(trained):
     assert card["config"]["encoder"] == TINY["encoder"]  # the resumed run kept its network
 
 
+def test_a_resumed_run_keeps_its_loss_options(trained):
+    """A resume state continues one run: asking for other guidance terms or another clean
+    similarity than the run was trained with is refused in one line, before any step."""
+    from DeepRegistrationLib.errors import UserInputError
+    _, output, _ = trained
+    resume = os.path.splitext(output)[0] + ".resume.pt"
+    assert torch.load(resume, weights_only=False)["loss_options"] == {
+        "guidance": {}, "clean_similarity": False}
+    for change in ({"guidance": {"supervised": 0.5}}, {"clean_similarity": True}):
+        with pytest.raises(UserInputError, match="was trained with guidance"):
+            train(TrainOptions(method="vm-diff", output=output, iterations=30,
+                               sources=[tiny_volume()], seed=1, resume=resume, val_every=0,
+                               val_cases=1, batch_size=2, spacing_mm=8.0, synth=CALM,
+                               overfit=2, progress=False, **change))
+
+
 def test_a_warm_started_run_carries_the_cost_of_its_whole_lineage(trained, tmp_path):
     """Continuing a checkpoint: the new card lists every earlier run and totals their steps and
     wall time with its own, twice over (a warm start of a warm start), and ``deepreg methods``

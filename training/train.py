@@ -525,6 +525,15 @@ def train(options: TrainOptions) -> Dict:
     clean_similarity = bool(recipe.clean_similarity if recipe else False) \
         if options.clean_similarity is None else bool(options.clean_similarity)
     check_recipe_losses(spec, guidance, clean_similarity)
+    loss_options = {"guidance": guidance, "clean_similarity": clean_similarity}
+    if state is not None and "optimizer" in state and state.get("loss_options") is not None \
+            and state["loss_options"] != loss_options:
+        # a resumed run continues one run: half of it on other loss terms would be neither
+        raise UserInputError(
+            f"'{options.resume}' was trained with guidance {state['loss_options']['guidance']} "
+            f"and clean similarity {state['loss_options']['clean_similarity']}; this command asks "
+            f"for guidance {guidance} and clean similarity {clean_similarity}: resume with the "
+            "run's own --recipe/--guidance/--clean-similarity, or start a new run")
     loss_fn = make_loss_fn(spec, guidance)
     parameters = sum(p.numel() for p in network.parameters())
     log(f"train {spec.name}: {parameters} parameters, config {json.dumps(config)}, sources "
@@ -662,7 +671,7 @@ def train(options: TrainOptions) -> Dict:
                 tic = time.perf_counter()
                 run_validation(step)
                 _save_resume(paths["resume"], network, optimiser, scheduler, step, best,
-                             history, elapsed, spec, config, options, warm_start)
+                             history, elapsed, spec, config, options, warm_start, loss_options)
         elapsed += time.perf_counter() - tic
         tic = time.perf_counter()
         run_validation(step)
@@ -670,12 +679,12 @@ def train(options: TrainOptions) -> Dict:
         elapsed += time.perf_counter() - tic
         bar.close()
         _save_resume(paths["resume"], network, optimiser, scheduler, step, best, history,
-                     elapsed, spec, config, options, warm_start)
+                     elapsed, spec, config, options, warm_start, loss_options)
         log(f"interrupted at step {step}; resume with --resume {paths['resume']}")
         raise
     bar.close()
     _save_resume(paths["resume"], network, optimiser, scheduler, step, best, history, elapsed,
-                 spec, config, options, warm_start)
+                 spec, config, options, warm_start, loss_options)
     log(f"done: {step} steps in {elapsed:.1f} s ({elapsed / max(step, 1):.3f} s/step); best "
         f"step {best['step'] if best else None}")
     return _complete_card(paths["card"], history, step, elapsed, losses_seen)
@@ -781,12 +790,13 @@ def _fmt(values: Dict[str, float]) -> str:
 
 
 def _save_resume(path, network, optimiser, scheduler, step, best, history, elapsed, spec,
-                 config, options, warm_start=None) -> None:
+                 config, options, warm_start=None, loss_options=None) -> None:
     torch.save({"method": spec.name, "config": config, "state_dict": network.state_dict(),
                 "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "best": best, "history": history, "elapsed": elapsed,
                 "seed": options.seed, "sources": list(map(str, options.sources)),
-                "warm_start": warm_start, "library_version": __version__}, path + ".tmp")
+                "warm_start": warm_start, "loss_options": loss_options,
+                "library_version": __version__}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
