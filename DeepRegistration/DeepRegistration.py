@@ -373,9 +373,11 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
         running = self.logic is not None and self.logic.isRunning()
-        # e.g. a network with mutual information and no refinement steps (the library's lists)
+        # e.g. a network with mutual information and no refinement steps, or MIND with no global
+        # alignment either (the library's lists)
         similarityProblem = p and bridge.similarity_problem(self._methodInfos.get(p.method, {}),
-                                                            p.similarity.value, p.refine)
+                                                            p.similarity.value, p.refine,
+                                                            p.initial.value)
         if running:
             self.ui.applyButton.enabled = False
             self.ui.applyButton.toolTip = _("A registration is running.")

@@ -450,21 +450,37 @@ def method_tooltip(info: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def similarity_problem(info: Mapping[str, Any], similarity: str, refine: int) -> Optional[str]:
+def similarity_problem(info: Mapping[str, Any], similarity: str, refine: int,
+                       initial: str = DEFAULT_INITIAL) -> Optional[str]:
     """Why ``register`` would refuse ``similarity`` for the method ``info`` (an entry of
-    ``methods --json``) with ``refine`` refinement steps, in words for the module; None when it
-    accepts it, or when ``info`` does not list its similarities (the placeholder before the list
-    arrives, an older library): the command line decides then, as it does for ``--initial none``.
+    ``methods --json``) with ``refine`` refinement steps and the global stage ``initial`` (a
+    ``register --initial`` token), in words for the module; None when it accepts it, or when
+    ``info`` does not list the similarities that apply (the placeholder before the list arrives,
+    an older library): the command line decides then.
 
     The lists are the library's own (``MethodSpec.describe``): a network optimises no similarity
-    itself, so most similarities act only in the refinement steps after it."""
-    accepted = info.get("similarities" if refine else "similarities_without_refine")
+    itself, so most similarities act only in the refinement steps after it, and without them only
+    in the global stage (which ``initial`` ``none`` leaves out)."""
+    aligned = initial != "none"
+    if refine:
+        key = "similarities"
+    elif aligned:
+        key = "similarities_without_refine"
+    else:
+        key = "similarities_without_refine_or_alignment"
+    accepted = info.get(key)
     if not isinstance(accepted, (list, tuple)) or similarity in accepted:
         return None
     name = method_short_name(info)
     label = choice_label(SIMILARITY_CHOICES, similarity)
     choices = " or ".join(f"'{choice_label(SIMILARITY_CHOICES, s)}'" for s in accepted)
     if not refine and similarity in (info.get("similarities") or ()):
+        if not aligned and similarity in (info.get("similarities_without_refine") or ()):
+            none = choice_label(INITIAL_CHOICES, initial)
+            return (f"{name} uses the similarity '{label}' only in the global alignment and the "
+                    f"refinement steps after it, and neither runs (Global alignment '{none}', "
+                    f"no refinement steps): set Refinement steps above 0 (e.g. 60), choose "
+                    f"another Global alignment, or choose {choices}.")
         return (f"{name} uses the similarity '{label}' only in the refinement steps after it: "
                 f"set Refinement steps above 0 (e.g. 60), or choose {choices}.")
     return f"{name} does not offer the similarity '{label}'; choose {choices}."

@@ -89,27 +89,38 @@ def test_a_similarity_a_network_would_ignore_is_refused_on_one_line(method, tmp_
 
 @pytest.mark.parametrize("method", [spec.name for spec in list_methods()])
 def test_methods_json_and_the_slicer_check_agree_with_the_engine(method):
-    """``methods --json`` lists what is accepted with and without --refine, and the module's
-    check (slicer_bridge.similarity_problem, which reads those lists) refuses exactly what the
-    engine refuses (default --initial)."""
+    """``methods --json`` lists what is accepted with and without --refine (and without a global
+    stage), and the module's check (slicer_bridge.similarity_problem, which reads those lists)
+    refuses exactly what the engine refuses, for every initial alignment the module offers."""
     spec = get_method(method)
     info = spec.describe()
     assert info["similarities"] == list(SIMILARITIES)
     expected = SIMILARITIES if spec.optimises_similarity else MEASURES
     assert info["similarities_without_refine"] == list(expected)
-    for similarity in slicer_bridge.SIMILARITIES:
-        for refine in (0, 60):
-            try:
-                engine.check_similarity(spec, similarity, refine > 0)
-                refused = False
-            except UserInputError:
-                refused = True
-            problem = slicer_bridge.similarity_problem(info, similarity, refine)
-            assert bool(problem) == refused, (similarity, refine, problem)
-            if problem:
-                assert "Refinement steps above 0" in problem, problem
+    alone = SIMILARITIES if spec.optimises_similarity else (spec.default_similarity,)
+    assert info["similarities_without_refine_or_alignment"] == list(alone)
+    for initial in slicer_bridge.INITIALS:
+        for similarity in slicer_bridge.SIMILARITIES:
+            for refine in (0, 60):
+                try:
+                    engine.check_similarity(spec, similarity, refine > 0, initial)
+                    refused = False
+                except UserInputError:
+                    refused = True
+                problem = slicer_bridge.similarity_problem(info, similarity, refine, initial)
+                assert bool(problem) == refused, (initial, similarity, refine, problem)
+                if problem:
+                    assert "Refinement steps above 0" in problem, problem
+                    assert ("Global alignment" in problem) == (
+                        initial == "none" and similarity in MEASURES), problem
+    # the module's choice: already aligned, MIND, no refinement steps (a network refuses it)
+    problem = slicer_bridge.similarity_problem(info, "mind", 0, "none")
+    assert bool(problem) == (not spec.optimises_similarity)
+    assert slicer_bridge.similarity_problem(info, "mind", 0, "auto") is None
+    assert slicer_bridge.similarity_problem(info, "mind", 0) is None  # the default: auto
     # without the lists (the placeholder entry, an older library) the command line decides
-    assert slicer_bridge.similarity_problem({"name": method}, "mi", 0) is None
+    for initial in ("auto", "none"):
+        assert slicer_bridge.similarity_problem({"name": method}, "mi", 0, initial) is None
 
 
 def test_io_optimises_every_similarity_itself():

@@ -65,6 +65,27 @@ def test_unknown_names_are_user_errors(tmp_path):
         ev.case_specs("huge", ["mni152"])
 
 
+def test_a_refused_request_creates_no_output_folder(tmp_path, capsys):
+    """--unseen-source (and an unknown method, peer or case set) is refused before the output
+    folder or its evaluate.log is created, through evaluate() and the command line alike."""
+    requests = [dict(cases="small", unseen_source="pydeface"),  # --cases unseen only
+                dict(cases="unseen", unseen_source=str(tmp_path / "missing.nii.gz")),
+                dict(cases="huge"), dict(methods=["nope"]), dict(peers=["flirt"])]
+    for index, request in enumerate(requests):
+        output = tmp_path / f"out{index}"
+        options = dict(methods=["io"], peers=[], output=str(output), verbose=False)
+        options.update(request)
+        with pytest.raises(UserInputError):
+            ev.evaluate(ev.EvaluateOptions(**options))
+        assert not output.exists(), request
+    from training.__main__ import main
+    output = tmp_path / "cli"
+    code = main(["evaluate", "--output", str(output), "--cases", "small",
+                 "--unseen-source", "pydeface", "--quiet"])
+    assert code == 2 and "--cases unseen only" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_other_grid_covers_the_same_region():
     image = sitk.Image((20, 24, 16), sitk.sitkFloat32)
     image.SetSpacing((2.0, 2.0, 3.0))

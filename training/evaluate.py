@@ -559,7 +559,14 @@ def plan_runs(options: EvaluateOptions) -> Tuple[List[Dict], List[str]]:
 
 
 def evaluate(options: EvaluateOptions) -> str:
-    """Run every method and peer on every case; write results.md/.csv/.png; return the table."""
+    """Run every method and peer on every case; write results.md/.csv/.png; return the table.
+
+    The request is checked before anything is written: an unknown method, variant or peer, an
+    unknown case set or a refused ``--unseen-source`` leaves no output folder behind."""
+    from .data import available_sources
+
+    runs, notes = plan_runs(options)
+    case_specs(options.cases, available_sources(), options.unseen_source)
     os.makedirs(options.output, exist_ok=True)
     log_path = os.path.join(options.output, "evaluate.log")
 
@@ -569,7 +576,6 @@ def evaluate(options: EvaluateOptions) -> str:
         if options.verbose:
             print(message, file=sys.stderr, flush=True)
 
-    runs, notes = plan_runs(options)
     for note in notes:
         log(note)
     cases = build_cases(options.cases, options.output, options.unseen_source)

@@ -104,6 +104,9 @@ class MethodSpec:
                 "available": self.available, "estimated_seconds": self.estimated_seconds,
                 "similarities": list(self.similarities), "variants": list(self.variants),
                 "similarities_without_refine": list(self.similarity_choices(refine=False)),
+                # and with --initial none too (no global stage whose measure it could choose)
+                "similarities_without_refine_or_alignment":
+                    list(self.similarity_choices(refine=False, alignment=False)),
                 "default_similarity": self.default_similarity}
 
 
