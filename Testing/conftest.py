@@ -120,3 +120,58 @@ def assert_engine_registers_with_checkpoint(method, network, config, tmp_path, m
     assert torch.isfinite(result.displacement).all()
     assert result.displacement.abs().max() > 1e-3
     return fixed, moving
+
+
+def fake_training_run(checkpoint, method, config, best, final, best_step=2, final_step=4,
+                      sources=("mni152",), training=None, validation_dice=None):
+    """What the trainer leaves after a run of ``final_step`` steps, without training: the
+    ``best`` network as ``checkpoint`` with its model card (the best step ``best_step``; a
+    validation record every ``best_step`` steps on the 2 mm working grid, Dice
+    ``validation_dice(step)``; 10 s a step after a 100-step warm start of 1000 s; ``training``
+    overrides the card's training block) and the ``final`` network in ``NAME.resume.pt``.
+    Returns ``checkpoint``."""
+    from DeepRegistrationLib.methods import save_checkpoint
+    validation_dice = validation_dice or (lambda step: 0.5 + step / 100)
+    history = [{"step": s, "spacing_mm": 2.0, "dice": validation_dice(s),
+                "folding_percent_strict": 0.1 * s, "folding_percent": 0.05 * s, "sdlogj": 0.1,
+                "gt_error_mm": 1.0} for s in range(best_step, final_step + 1, best_step)]
+    card = {"working_spacing_mm": 2.0, "data": {"sources": [{"name": n} for n in sources]},
+            "training": dict({"iterations": best_step, "run_iterations": final_step,
+                              "wall_time_seconds": 10.0 * best_step,
+                              "seconds_per_step": 10.0, "total_iterations": 100 + best_step,
+                              "total_wall_time_seconds": 1000.0 + 10.0 * best_step},
+                             **(training or {})),
+            "validation": {"step": best_step, "metrics": dict(history[0]), "history": history}}
+    save_checkpoint(checkpoint, best, method, config, card)
+    torch.save({"method": method, "config": config, "state_dict": final.state_dict(),
+                "optimizer": {}, "scheduler": {}, "step": final_step,
+                "elapsed": 10.0 * final_step},
+               os.path.splitext(checkpoint)[0] + ".resume.pt")
+    return checkpoint
+
+
+def fake_ablation_evaluation(monkeypatch, method, metrics, **extra):
+    """An ablation's ``evaluate`` with two cases (one MNI152, one itk-t1) whose registrations
+    run ``method`` through the engine on a shifted blob pair (the engine finds each arm's
+    checkpoint as the real evaluation does) and whose metrics are faked: 0.5 for each of
+    ``metrics`` (``(name, lower_is_better)``), ``extra`` added, and the strict folding set to the
+    field's largest component, so a test can tell which weights registered. Returns the cases."""
+    import types
+
+    import training.evaluate as evaluate
+    import training.mmln_ablation as mmln_ablation
+    from DeepRegistrationLib import engine
+
+    cases = [types.SimpleNamespace(name=name, source=source, paths={"fixed": "", "moving": ""})
+             for name, source in (("a", "mni152"), ("b", "itk-t1"))]
+    monkeypatch.setattr(evaluate, "build_cases", lambda which, folder, *rest: cases)
+    monkeypatch.setattr(evaluate, "case_specs", lambda which, installed, *rest: cases)
+
+    def run_one(job):
+        fixed, moving = shifted_blob_images()
+        field = engine.register(fixed, moving, method, options=job["options"]).displacement
+        return {"displacement": field.numpy(), "seconds": 0.0}
+    monkeypatch.setattr(evaluate, "run_one", run_one)
+    monkeypatch.setattr(mmln_ablation, "case_metrics", lambda case, field: dict(
+        {m: 0.5 for m, _ in metrics}, **extra, folding_percent_strict=float(field.abs().max())))
+    return cases

@@ -4,18 +4,18 @@ their final weights (the same step for every arm), the paired statistics count c
 recorded, and the unseen anatomy is reported apart. Made-up rows and tiny networks; no training."""
 import json
 import os
-import types
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import wilcoxon
 
-from conftest import shifted_blob_images
+from conftest import fake_ablation_evaluation, fake_training_run
 from DeepRegistrationLib import engine
 from DeepRegistrationLib.errors import UserInputError
-from DeepRegistrationLib.methods import get_method, load_network, mmln, save_checkpoint
+from DeepRegistrationLib.methods import get_method, load_network, mmln
 from training import ablation_common, mmln_ablation
+from training.train import training_lineage
 
 TINY = {"width": 4, "residual_blocks": 1}
 
@@ -32,31 +32,24 @@ def tiny_network(arm: str, jitter: float = 0.0, seed: int = 0) -> torch.nn.Modul
     return network
 
 
-def fake_run(folder, arm, best, final, best_step=2, final_step=4, sources=("mni152",),
-             training=None):
-    """What the trainer leaves: ``mmln-<ARM>.pt`` with the best step's weights and its card,
-    and ``mmln-<ARM>.resume.pt`` with the last step's weights."""
-    os.makedirs(folder, exist_ok=True)
-    checkpoint = os.path.join(folder, mmln.checkpoint_name(arm))
+def fake_run(folder, arm, best, final, training=None, **run):
+    """What the trainer leaves in ``folder`` (``fake_training_run``): ``mmln-<ARM>.pt`` with the
+    best step's weights and its card, ``mmln-<ARM>.resume.pt`` with the last step's."""
     config = dict(get_method("mmln").config, **TINY, variant=best.variant,
                   coupling=best.coupling)
-    history = [{"step": s, "spacing_mm": 2.0, "dice": 0.5 + s / 100,
-                "folding_percent_strict": 0.1 * s, "folding_percent": 0.05 * s, "sdlogj": 0.1,
-                "gt_error_mm": 1.0} for s in range(best_step, final_step + 1, best_step)]
-    card = {"working_spacing_mm": 2.0, "data": {"sources": [{"name": n} for n in sources]},
-            "training": dict({"iterations": best_step, "run_iterations": final_step,
-                              "guidance": {"supervised": 0.5}, "clean_similarity": True},
-                             **(training or {})),
-            "validation": {"step": best_step, "metrics": dict(history[0]), "history": history}}
-    save_checkpoint(checkpoint, best, "mmln", config, card)
-    torch.save({"method": "mmln", "config": config, "state_dict": final.state_dict(),
-                "optimizer": {}, "scheduler": {}, "step": final_step},
-               ablation_common.resume_path(checkpoint))
-    return checkpoint
+    return fake_training_run(
+        os.path.join(folder, mmln.checkpoint_name(arm)), "mmln", config, best, final,
+        training=dict({"guidance": {"supervised": 0.5}, "clean_similarity": True},
+                      **(training or {})), **run)
 
 
 def flat(network):
     return torch.cat([p.detach().flatten() for p in network.parameters()])
+
+
+def export_arms(folder):
+    return ablation_common.export_final_arms(str(folder), mmln_ablation.ARMS,
+                                             mmln_ablation.arm_path, mmln_ablation.PROG)
 
 
 # ---------------------------------------------------------------------------- final weights
@@ -73,6 +66,14 @@ def test_the_final_weights_are_exported_not_the_best_steps(tmp_path):
     # the card's validation is the final step's record, the best step's kept apart
     assert card["validation"]["step"] == 4 and card["validation"]["metrics"]["dice"] == 0.54
     assert card["best_step_validation"]["step"] == 2
+    # the cost is the final step's (10 s a step after a 100-step, 1000 s warm start), so that a
+    # warm start from these weights counts the steps and time that made them
+    training = card["training"]
+    assert (training["iterations"], training["wall_time_seconds"]) == (4, 40.0)
+    assert (training["total_iterations"], training["total_wall_time_seconds"]) == (104, 1040.0)
+    assert training["seconds_per_step"] == 10.0
+    assert training_lineage(card, "mmln-L.pt")[-1]["iterations"] == 4
+    assert training_lineage(card, "mmln-L.pt")[-1]["wall_time_seconds"] == 40.0
 
 
 def test_runs_that_ended_at_different_steps_are_refused(tmp_path):
@@ -80,14 +81,14 @@ def test_runs_that_ended_at_different_steps_are_refused(tmp_path):
     fake_run(str(tmp_path / "seed0"), "LC", tiny_network("LC"), tiny_network("LC"),
              final_step=2)
     with pytest.raises(UserInputError, match="different steps.*seed 0 LC: 2"):
-        mmln_ablation.export_arms(str(tmp_path))
+        export_arms(tmp_path)
 
 
 def test_a_checkpoint_without_its_resume_state_is_refused(tmp_path):
     checkpoint = fake_run(str(tmp_path / "seed0"), "L", tiny_network("L"), tiny_network("L"))
     os.remove(ablation_common.resume_path(checkpoint))
     with pytest.raises(UserInputError, match="mmln-L.resume.pt"):
-        mmln_ablation.export_arms(str(tmp_path))
+        export_arms(tmp_path)
 
 
 def test_a_resume_state_ahead_of_the_finished_run_is_refused(tmp_path):
@@ -96,33 +97,22 @@ def test_a_resume_state_ahead_of_the_finished_run_is_refused(tmp_path):
              training={"run_iterations": 3})
     with pytest.raises(UserInputError, match="at step 4 but the run of mmln-L.pt ended at "
                                              "step 3"):
-        mmln_ablation.export_arms(str(tmp_path))
+        export_arms(tmp_path)
 
 
 def test_evaluate_registers_with_each_arms_final_weights(tmp_path, monkeypatch):
     """The whole ``evaluate`` command, the cases and their metrics faked: the best checkpoints
     are the identity and the final weights are not, so a zero field would mean the best ones
     were used."""
-    import training.evaluate as evaluate
     for seed in (0, 1):
         for arm in ("L", "LC"):
             fake_run(str(tmp_path / f"seed{seed}"), arm, tiny_network(arm),
                      tiny_network(arm, jitter=0.02, seed=seed))
-    cases = [types.SimpleNamespace(name=name, source=source, paths={"fixed": "", "moving": ""})
-             for name, source in (("a", "mni152"), ("b", "itk-t1"))]
-    monkeypatch.setattr(evaluate, "build_cases", lambda which, folder: cases)
-    monkeypatch.setattr(evaluate, "case_specs", lambda which, installed: cases)
-
-    def run_one(job):  # the engine finds the arm's checkpoint as the real evaluation does
-        fixed, moving = shifted_blob_images()
-        field = engine.register(fixed, moving, "mmln", options=job["options"]).displacement
-        return {"displacement": field.numpy(), "seconds": 0.0}
-    monkeypatch.setattr(evaluate, "run_one", run_one)
-    monkeypatch.setattr(mmln_ablation, "case_metrics", lambda case, field: dict(
-        {m: 0.5 for m, _ in mmln_ablation.METRICS}, ncc=0.0, hd95=0.0,
-        folding_percent_strict=float(field.abs().max())))
-    monkeypatch.setenv("DEEPREG_CHECKPOINTS", "")
+    fake_ablation_evaluation(monkeypatch, "mmln", mmln_ablation.METRICS, ncc=0.0, hd95=0.0)
+    monkeypatch.setenv("DEEPREG_CHECKPOINTS", "earlier")
     assert mmln_ablation.main(["evaluate", "--cases", "small", "--output", str(tmp_path)]) == 0
+    # the engine looked in each seed's final/ folder, and is pointed back where it was
+    assert os.environ["DEEPREG_CHECKPOINTS"] == "earlier"
     for seed in (0, 1):
         assert os.path.isfile(tmp_path / f"seed{seed}" / "final" / "mmln-LC.pt")
     rows = open(tmp_path / "per_case.csv").read().splitlines()
@@ -139,6 +129,17 @@ def test_evaluate_registers_with_each_arms_final_weights(tmp_path, monkeypatch):
     assert '"clean_similarity": true, "guidance": {"supervised": 0.5}' in report
     assert "Unseen anatomy (sources no arm was trained on): itk-t1." in report
     assert "seeds averaged per case first" in report
+
+
+def test_the_checkpoint_folder_is_restored_after_the_registrations(tmp_path, monkeypatch):
+    """``evaluate`` points the engine at each run's final weights; afterwards (an error too) the
+    variable is as it was: unset stays unset."""
+    monkeypatch.delenv("DEEPREG_CHECKPOINTS", raising=False)
+    with pytest.raises(RuntimeError):
+        with ablation_common.checkpoints_from(str(tmp_path)):
+            assert os.environ["DEEPREG_CHECKPOINTS"] == str(tmp_path)
+            raise RuntimeError("a registration failed")
+    assert "DEEPREG_CHECKPOINTS" not in os.environ
 
 
 # -------------------------------------------------------------------- paired over cases

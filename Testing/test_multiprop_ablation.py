@@ -1,15 +1,21 @@
 """The MultiProp ablation script (``training/multiprop_ablation.py``, issue #12): two seeds by
-default, the recovered share with per-seed values and a bootstrap interval over cases, paired
+default, every arm evaluated at its final weights (the same step for every arm, as the MMLN
+ablation), the recovered share with per-seed values and a bootstrap interval over cases, paired
 comparisons over cases (seeds averaged) split by unseen anatomy, bilevel from a mis-set start
 against the grid's best, and the transfer case started from the grid's best on brains. Made-up
-rows and model cards; nothing is trained."""
+rows, model cards and tiny networks; nothing is trained."""
 import argparse
 import csv
 import json
+import math
+import os
 
 import numpy as np
 import pytest
+import torch
 
+from conftest import fake_ablation_evaluation, fake_training_run
+from DeepRegistrationLib.methods import get_method, multiprop
 from training import multiprop_ablation as ablation
 
 CASES = [f"c{i}" for i in range(6)]  # c4, c5 unseen
@@ -37,7 +43,7 @@ def made_up_rows(seeds=(0, 1)):
         for arm in ablation.ARMS:
             for index, case in enumerate(CASES):
                 d = dice(arm, index, seed)
-                rows.append({"seed": seed, "arm": arm, "case": case, "source": "s",
+                rows.append({"seed": seed, "arm": arm, "step": 4, "case": case, "source": "s",
                              "anatomy": "unseen" if index >= 4 else "seen", "seconds": 1.0,
                              "dice": d, "gt_error_mm": 3.0 - d, "folding_percent_strict": 0.0,
                              "folding_percent": 0.0, "sdlogj": 0.1})
@@ -55,6 +61,7 @@ def made_up_cards(best_by_seed=None, seeds=(0, 1)):
             cards[(seed, arm)] = {
                 "validation": {"metrics": {"dice": 0.8 if best else 0.7}},
                 "training": {"guidance": {}, "clean_similarity": False},
+                "weights": {"which": "final", "step": 4, "best_step": 2},
                 "loss_weights": {"values": {"regularisation": 1.0}}}
     return cards
 
@@ -137,6 +144,7 @@ def test_the_report_writes_the_recovery_comparisons_and_transfer(tmp_path):
                     "## Transfer case", "95 % interval (bootstrap over cases)"):
         assert heading in report
     assert '"clean_similarity": false, "guidance": {}' in report
+    assert "Weights evaluated: each arm's final weights, step 4" in report
     with open(tmp_path / "comparisons.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["anatomy"] for r in rows} == {"all", "unseen", "seen"}
@@ -146,3 +154,66 @@ def test_the_report_writes_the_recovery_comparisons_and_transfer(tmp_path):
     # per-seed rows stay in per_case.csv, without the grid-best copies
     with open(tmp_path / "per_case.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 2 * len(ablation.ARMS) * len(CASES)
+
+
+# ---------------------------------------------------------------------------- final weights
+TINY = {"features": [4, 6, 6], "matching": [6], "context": [4, 4]}
+# validation Dice at the best step (2) and the final one (4): reg10 leads the grid at step 2,
+# reg0.1 at step 4
+VALIDATION_DICE = {"reg0.1": {2: 0.6, 4: 0.9}, "default": {2: 0.7, 4: 0.8},
+                   "reg10": {2: 0.8, 4: 0.7}, "bilevel": {2: 0.7, 4: 0.8}}
+
+
+def fake_arm(folder, seed, arm, final_step=4):
+    """What the trainer leaves for ``arm`` (``fake_training_run``): the best step's weights a
+    fresh network (the identity: zero heads), the final ones moved; a bilevel arm's final loss
+    weights have a doubled regularisation weight (its self-tuning acted after the best step)."""
+    variant, overrides = ablation.ARMS[arm]
+    config = dict(get_method("multiprop").config, **TINY, **overrides, variant=variant)
+    best, final = multiprop.build_network(config), multiprop.build_network(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in final.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+        if variant == "bilevel":
+            final.loss_weights.log_values[
+                final.loss_weights.names.index("regularisation")] += math.log(2.0)
+    return fake_training_run(ablation.arm_path(folder, seed, arm), "multiprop", config, best,
+                             final, final_step=final_step,
+                             training={"guidance": {}, "clean_similarity": False},
+                             validation_dice=lambda step: VALIDATION_DICE[arm][step])
+
+
+def test_evaluate_registers_with_each_arms_final_weights(tmp_path, monkeypatch):
+    """The whole ``evaluate`` command, the cases and their metrics faked: the best checkpoints
+    are the identity and the final weights are not, so a zero field would mean the best ones
+    were used; the grid's best, the loss weights and the report are the final weights'."""
+    for arm in VALIDATION_DICE:
+        fake_arm(str(tmp_path), 0, arm)
+    cases = fake_ablation_evaluation(monkeypatch, "multiprop", ablation.METRICS)
+    monkeypatch.delenv("DEEPREG_CHECKPOINTS", raising=False)
+    assert ablation.main(["evaluate", "--cases", "small", "--output", str(tmp_path)]) == 0
+    assert "DEEPREG_CHECKPOINTS" not in os.environ  # as it was before
+    assert os.path.isfile(tmp_path / "seed0" / "bilevel" / "final" / "multiprop-bilevel.pt")
+    with open(tmp_path / "per_case.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(VALIDATION_DICE) * len(cases)
+    for row in rows:
+        assert row["step"] == "4"
+        assert float(row["folding_percent_strict"]) > 1e-3, row  # not the identity
+    report = open(tmp_path / "results.md").read()
+    assert "Weights evaluated: each arm's final weights, step 4" in report
+    assert "(their steps: 2)" in report
+    # the grid's best on the final weights' validation (reg10 led at the best steps)
+    assert "the grid's best on them (validation Dice): reg0.1 (seed 0)" in report
+    weights = json.load(open(tmp_path / "weights.json"))
+    assert weights["seed0/bilevel"]["values"]["regularisation"] == pytest.approx(
+        2 * weights["seed0/default"]["values"]["regularisation"])
+
+
+def test_arms_that_ended_at_different_steps_are_refused(tmp_path, capsys):
+    fake_arm(str(tmp_path), 0, "default")
+    fake_arm(str(tmp_path), 0, "bilevel", final_step=2)  # e.g. stopped half-way
+    assert ablation.main(["evaluate", "--output", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "the runs ended at different steps (seed 0 bilevel: 2, seed 0 default: 4)" in error

@@ -4,8 +4,9 @@ comparable: the trainer command line, the per-case CSV and the table of means, t
 deployed network with random weights, and the command-line frame (sub-commands, exit status).
 ``training/suits_ablation.py`` tabulates with the same per-case CSV and table of means. Also
 the trainer's loss options an ablation passes on and records (``--guidance``,
-``--clean-similarity``), and the export of a run's *final* weights, so that arms trained for the
-same number of steps are evaluated at that step rather than at their best validation step.
+``--clean-similarity``), and the export and evaluation of every run's *final* weights, so that
+arms trained for the same number of steps are evaluated at that step rather than at their best
+validation step.
 
 (Their per-case metrics and paired statistics, ``finished``, ``paired``, ``seed_means``,
 ``compare_arms``, ``comparisons_table`` and ``case_metrics``, are in ``mmln_ablation.py``, which
@@ -14,6 +15,7 @@ came first.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -21,7 +23,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -116,6 +118,12 @@ def resume_path(checkpoint: str) -> str:
     return os.path.splitext(checkpoint)[0] + ".resume.pt"
 
 
+def final_folder(checkpoint: str) -> str:
+    """Where ``export_final_arms`` writes ``checkpoint``'s final weights, under the same file
+    name (the engine finds a checkpoint by its name): ``final/`` beside it."""
+    return os.path.join(os.path.dirname(checkpoint), "final")
+
+
 def final_step_validation(card: Dict, step: int) -> Optional[Dict]:
     """The card's validation block re-pointed at ``step``'s record of its history (the trainer
     validates on the working grid after its last step), or None without such a record."""
@@ -129,15 +137,37 @@ def final_step_validation(card: Dict, step: int) -> Optional[Dict]:
     return dict(validation, step=step, metrics=metrics)
 
 
+def final_step_training(training: Dict, step: int, elapsed: Optional[float]) -> Dict:
+    """The card's training block with the cost of the weights at ``step`` (``elapsed`` seconds
+    of training; None: unknown) instead of the best step's: ``iterations``,
+    ``wall_time_seconds`` and ``seconds_per_step``, and the lineage totals (the earlier runs'
+    plus this one's) moved by the same difference. A warm start from the exported weights takes
+    its lineage entry from ``iterations`` and ``wall_time_seconds`` (training/train.py
+    ``training_lineage``), so they must count the steps and time that made these weights."""
+    seconds = None if elapsed is None else round(float(elapsed), 1)
+
+    def moved(total: Optional[float], kept: Optional[float], final: Optional[float]):
+        return None if None in (total, kept, final) else round(total - kept + final, 1)
+
+    return dict(training, iterations=step, wall_time_seconds=seconds,
+                seconds_per_step=None if elapsed is None else round(elapsed / max(step, 1), 4),
+                total_iterations=moved(training.get("total_iterations"),
+                                       training.get("iterations"), step),
+                total_wall_time_seconds=moved(training.get("total_wall_time_seconds"),
+                                              training.get("wall_time_seconds"), seconds))
+
+
 def export_final_weights(checkpoint: str, destination: str) -> Dict:
     """Write the weights at the end of ``checkpoint``'s run (its ``NAME.resume.pt``) as a
     checkpoint of their own at ``destination``, with a model card; returns the card.
 
     Arms trained for the same number of steps are compared at that step: the best-validation
     checkpoints of two arms come from different steps, so a difference between them could be
-    the step's, not the arm's. The card is the run's, its ``validation`` that of the final step
-    (the best step's moves to ``best_step_validation``), plus ``weights``: which weights these
-    are, the step, and the resume state's sha256."""
+    the step's, not the arm's. The card is the run's with what describes the weights taken at
+    the final step: ``validation`` (the best step's moves to ``best_step_validation``), the
+    steps and time of ``training`` (``final_step_training``) and the method's own card entries
+    (e.g. MultiProp's loss weights); plus ``weights``: which weights these are, the step, and
+    the resume state's sha256."""
     from DeepRegistrationLib.methods import get_method, save_checkpoint
     from DeepRegistrationLib.methods.base import read_checkpoint, read_model_card, sha256_of
 
@@ -157,8 +187,12 @@ def export_final_weights(checkpoint: str, destination: str) -> Dict:
         raise UserInputError(f"{os.path.basename(resume)} is at step {step} but the run of "
                              f"{os.path.basename(checkpoint)} ended at step {ended}: finish "
                              "the run (train it again) before evaluating it")
+    describe = spec.training.get("card")  # the trainer's hook: what the card says of a network
     exported = dict(card, best_step_validation=card.get("validation"),
                     validation=final_step_validation(card, step),
+                    training=final_step_training(card.get("training") or {}, step,
+                                                 state.get("elapsed")),
+                    **(describe(network) if callable(describe) else {}),
                     weights={"which": "final", "step": step,
                              "resume_state": os.path.basename(resume),
                              "resume_sha256": sha256_of(resume),
@@ -181,7 +215,93 @@ def require_same_steps(cards: Dict[Tuple[int, str], Dict]) -> int:
     return next(iter(steps.values()))
 
 
+def export_final_arms(output: str, arms: Sequence[str],
+                      arm_path: Callable[[str, int, str], str], prog: str
+                      ) -> Dict[Tuple[int, str], Dict]:
+    """Every trained (seed, arm)'s final weights (``arm_path(output, seed, arm)`` is its
+    checkpoint, seeds from the ``seed<N>`` folders of ``output``) exported into its
+    ``final_folder``; their model cards by (seed, arm). A user error when there is nothing to
+    evaluate or the runs ended at different steps (arms must be compared at the same step)."""
+    folders = os.listdir(output) if os.path.isdir(output) else []
+    seeds = sorted(int(d[4:]) for d in folders if d.startswith("seed") and d[4:].isdigit())
+    cards = {}
+    for seed in seeds:
+        for arm in arms:
+            checkpoint = arm_path(output, seed, arm)
+            if not os.path.isfile(checkpoint):
+                print(f"seed{seed}/{arm}: no checkpoint, skipped", file=sys.stderr)
+                continue
+            cards[(seed, arm)] = export_final_weights(checkpoint, os.path.join(
+                final_folder(checkpoint), os.path.basename(checkpoint)))
+    if not cards:
+        raise UserInputError(f"no seed<N> folders with checkpoints in {output}; run "
+                             f"'{prog} train' first")
+    require_same_steps(cards)
+    return cards
+
+
+def final_weights_line(cards: Dict[Tuple[int, str], Dict]) -> str:
+    """The report's line saying which weights were evaluated (``export_final_arms``' cards)."""
+    steps = sorted({card["weights"]["step"] for card in cards.values()})
+    best = sorted({card["weights"]["best_step"] for card in cards.values()
+                   if card["weights"]["best_step"] is not None})
+    return (f"Weights evaluated: each arm's final weights, step {', '.join(map(str, steps))} "
+            "(exported from the trainer's NAME.resume.pt into final/ beside each NAME.pt); "
+            "not the best validation checkpoints (their steps: "
+            f"{', '.join(map(str, best)) or 'none'}).")
+
+
+@contextlib.contextmanager
+def checkpoints_from(folder: str) -> Iterator[None]:
+    """Within the block ``$DEEPREG_CHECKPOINTS`` is ``folder`` alone, so the engine finds a
+    checkpoint there before the shipped ones; afterwards the variable is as it was (unset if it
+    was), also when the block raises."""
+    saved = os.environ.get("DEEPREG_CHECKPOINTS")
+    os.environ["DEEPREG_CHECKPOINTS"] = os.path.abspath(folder)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DEEPREG_CHECKPOINTS", None)
+        else:
+            os.environ["DEEPREG_CHECKPOINTS"] = saved
+
+
 # -------------------------------------------------------------------------------- evaluation
+def evaluate_final_weights(args, cards: Dict[Tuple[int, str], Dict],
+                           arm_path: Callable[[str, int, str], str], method: str,
+                           variant: Callable[[str], str], case_metrics: Callable,
+                           metrics: Sequence[Tuple[str, bool]]) -> List[Dict]:
+    """Register every evaluation case (``args.cases``, built under ``args.output``) with each
+    (seed, arm)'s final weights that ``export_final_arms`` exported (its ``cards``), the engine
+    running ``method`` with the arm's ``variant(arm)``; one row per (seed, arm, case): the step,
+    the case's source, whether the arm was trained on it (``anatomy`` seen / unseen), the
+    seconds and ``case_metrics(case, displacement)``, ``metrics`` printed as they come."""
+    import torch
+    from .data import available_sources
+    from .evaluate import build_cases, case_specs, run_one
+
+    cases = build_cases(args.cases, os.path.join(args.output, "cases"))
+    sources = {spec.name: spec.source for spec in case_specs(args.cases, available_sources())}
+    rows = []
+    for (seed, arm), card in sorted(cards.items()):
+        seen = [source["name"] for source in card["data"]["sources"]]
+        # the engine finds the arm's checkpoint by name: in its final weights' folder first
+        with checkpoints_from(final_folder(arm_path(args.output, seed, arm))):
+            for case in cases:
+                result = run_one({"kind": "method", "name": method,
+                                  "fixed": case.paths["fixed"], "moving": case.paths["moving"],
+                                  "options": {"variant": variant(arm)}})
+                values = case_metrics(case, torch.from_numpy(result["displacement"]))
+                rows.append({"seed": seed, "arm": arm, "step": card["weights"]["step"],
+                             "case": case.name, "source": sources[case.name],
+                             "anatomy": "seen" if sources[case.name] in seen else "unseen",
+                             "seconds": result["seconds"], **values})
+                print(f"seed{seed} {arm} {case.name}: " + " ".join(
+                    f"{m} {rows[-1][m]:.4f}" for m, _ in metrics), file=sys.stderr, flush=True)
+    return rows
+
+
 def write_per_case_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> None:
     """One line per registration; floats with 6 significant digits, keys outside ``columns``
     left out."""
@@ -252,10 +372,9 @@ def time_deployed_network(method: str, config_overrides: Dict, timed_runs: int,
             parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
     calls: List[Dict] = []
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, checkpoints_from(folder):
         save_checkpoint(os.path.join(folder, f"{method}.pt"), network, method, config,
                         {"note": "random weights, for timing only"})
-        os.environ["DEEPREG_CHECKPOINTS"] = folder
         _NETWORK_CACHE.clear()
         for repeat in range(timed_runs + 1):
             started, cpu = time.perf_counter(), time.process_time()

@@ -58,12 +58,10 @@ from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from DeepRegistrationLib.errors import UserInputError  # noqa: E402
-
 from .ablation_common import (SUBSETS, ablation_parser, add_evaluate_and_speed,  # noqa: E402
-                              add_loss_options, check_kept_run, export_final_weights,
-                              final_step_validation, means_table, require_same_steps,
-                              run_command, speed_sentence, time_deployed_network,
+                              add_loss_options, check_kept_run, evaluate_final_weights,
+                              export_final_arms, final_step_validation, final_weights_line,
+                              means_table, run_command, speed_sentence, time_deployed_network,
                               trainer_command, training_losses, training_losses_lines,
                               write_per_case_csv)
 
@@ -78,6 +76,12 @@ METRICS = (("folding_percent_strict", True), ("folding_percent", True), ("sdlogj
 
 
 # ---------------------------------------------------------------------------------- training
+def arm_path(folder: str, seed: int, arm: str) -> str:
+    """Where ``train`` writes seed ``seed``'s checkpoint of ``arm``."""
+    from DeepRegistrationLib.methods.mmln import checkpoint_name
+    return os.path.join(folder, f"seed{seed}", checkpoint_name(arm))
+
+
 def arm_config(arm: str, k: float) -> Dict:
     from DeepRegistrationLib.methods.mmln import parse_variant
     branches, coupling = parse_variant(arm)
@@ -168,9 +172,7 @@ def command_train(args) -> None:
     arms = args.arms.split(",") if args.arms else list(ARMS)
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in arms:
-            from DeepRegistrationLib.methods.mmln import checkpoint_name
-            output = os.path.join(args.output, f"seed{seed}", checkpoint_name(arm))
-            train_arm(arm, args.k, seed, output, args)
+            train_arm(arm, args.k, seed, arm_path(args.output, seed, arm), args)
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -196,10 +198,6 @@ def case_metrics(case, displacement) -> Dict[str, float]:
                   label_volume_error=float(np.mean([abs(r - 1.0) for r in ratios.values()]))
                   if ratios else float("nan"))
     return values
-
-
-def trained_sources(card: Dict) -> List[str]:
-    return [source["name"] for source in card["data"]["sources"]]
 
 
 def seed_means(rows: List[Dict], metrics: Sequence[Tuple[str, bool]]) -> List[Dict]:
@@ -286,60 +284,13 @@ def comparisons_table(comparisons: List[Dict], labels: Sequence[str]) -> List[st
                      f"{c['wilcoxon_p']:.3g} |")
     return lines
 
-def final_folder(output: str, seed: int) -> str:
-    """Where ``evaluate`` writes seed ``seed``'s final weights, one checkpoint per arm."""
-    return os.path.join(output, f"seed{seed}", "final")
-
-
-def export_arms(output: str) -> Dict[Tuple[int, str], Dict]:
-    """Every trained (seed, arm)'s final weights exported into ``final_folder``; their model
-    cards by (seed, arm). A user error when there is nothing to evaluate or the runs ended at
-    different steps (arms must be compared at the same step)."""
-    from DeepRegistrationLib.methods.mmln import checkpoint_name
-
-    folders = os.listdir(output) if os.path.isdir(output) else []
-    seeds = sorted(int(d[4:]) for d in folders if d.startswith("seed") and d[4:].isdigit())
-    cards = {}
-    for seed in seeds:
-        for arm in ARMS:
-            checkpoint = os.path.join(output, f"seed{seed}", checkpoint_name(arm))
-            if not os.path.isfile(checkpoint):
-                print(f"seed{seed}/{arm}: no checkpoint, skipped", file=sys.stderr)
-                continue
-            cards[(seed, arm)] = export_final_weights(
-                checkpoint, os.path.join(final_folder(output, seed), checkpoint_name(arm)))
-    if not cards:
-        raise UserInputError(f"no seed<N> folders with checkpoints in {output}; run "
-                             "'python -m training.mmln_ablation train' first")
-    require_same_steps(cards)
-    return cards
-
 
 def command_evaluate(args) -> None:
-    from .data import available_sources
-    from .evaluate import build_cases, case_specs, run_one
-    import torch
-
-    cards = export_arms(args.output)
-    cases = build_cases(args.cases, os.path.join(args.output, "cases"))
-    sources = {spec.name: spec.source for spec in case_specs(args.cases, available_sources())}
-    rows = []
-    for (seed, arm), card in sorted(cards.items()):
-        # the engine finds the arm's checkpoint by name: the final weights' folder first
-        os.environ["DEEPREG_CHECKPOINTS"] = os.path.abspath(final_folder(args.output, seed))
-        seen = trained_sources(card)
-        for case in cases:
-            job = {"kind": "method", "name": "mmln", "fixed": case.paths["fixed"],
-                   "moving": case.paths["moving"], "options": {"variant": arm}}
-            result = run_one(job)
-            values = case_metrics(case, torch.from_numpy(result["displacement"]))
-            row = {"seed": seed, "arm": arm, "step": card["weights"]["step"], "case": case.name,
-                   "source": sources[case.name],
-                   "anatomy": "seen" if sources[case.name] in seen else "unseen",
-                   "seconds": result["seconds"], **values}
-            rows.append(row)
-            print(f"seed{seed} {arm} {case.name}: " + " ".join(
-                f"{m} {row[m]:.4f}" for m, _ in METRICS), file=sys.stderr, flush=True)
+    """Every arm's final weights (``export_final_arms``: the same step for every arm) on the
+    evaluation cases, then the report."""
+    cards = export_final_arms(args.output, ARMS, arm_path, PROG)
+    rows = evaluate_final_weights(args, cards, arm_path, "mmln", lambda arm: arm, case_metrics,
+                                  METRICS)
     write_evaluation(args, rows, cards)
 
 
@@ -357,14 +308,8 @@ def paired_comparisons(rows: List[Dict]) -> List[Dict]:
 def setup_lines(rows: List[Dict], cards: Dict[Tuple[int, str], Dict]) -> List[str]:
     """What was compared: the weights (final, at which step), the loss options, the unseen
     anatomy, and how the paired statistics count."""
-    steps = sorted({card["weights"]["step"] for card in cards.values()})
-    best = sorted({card["weights"]["best_step"] for card in cards.values()
-                   if card["weights"]["best_step"] is not None})
     unseen = sorted({r["source"] for r in rows if r["anatomy"] == "unseen"})
-    return [f"Weights evaluated: each arm's final weights, step {', '.join(map(str, steps))} "
-            "(exported from the trainer's NAME.resume.pt into seed<S>/final/); not the best "
-            f"validation checkpoints (their steps: {', '.join(map(str, best)) or 'none'}).",
-            "", *training_losses_lines(cards), "",
+    return [final_weights_line(cards), "", *training_losses_lines(cards), "",
             "Unseen anatomy (sources no arm was trained on): "
             + (", ".join(unseen) if unseen else "none among these cases: the unseen rows and "
                "comparisons are absent") + "."]

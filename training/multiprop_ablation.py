@@ -7,8 +7,9 @@ to a new task (liver CT, +0.03 Dice). The protocol here (docs/methods/multiprop.
     # 1. every arm, same steps, two seeds (DIR/seed<S>/<arm>/multiprop[-bilevel].pt)
     python -m training.multiprop_ablation train --iterations 6000 --seeds 0,1 --recipe general \\
         --output DIR
-    # 2. every arm on the evaluation cases (training/evaluate.py, stream 2: never trained on,
-    #    never used to choose), paired comparisons, the weight trajectories and the recovery test
+    # 2. every arm's final weights on the evaluation cases (training/evaluate.py, stream 2:
+    #    never trained on, never used to choose), paired comparisons, the weight trajectories
+    #    and the recovery test
     python -m training.multiprop_ablation evaluate --cases full --output DIR
     # 3. seconds of the deployed network on a 2 mm pair (random weights: the cost does not
     #    depend on them)
@@ -20,6 +21,14 @@ Arms (``ARMS``): ``default`` (hand-set weights), ``bilevel`` (tuned from them), 
 hand-set weights). ``reg0.1``, ``default`` and ``reg10`` are the 3-point grid: its best is chosen
 per seed on the trainer's *validation* Dice (the model cards), never on the evaluation cases, and
 enters the comparisons as the arm ``grid-best``.
+
+Weights evaluated: each arm's *final* weights, the step every arm was trained for, as in the
+MMLN ablation (``ablation_common.export_final_arms``): the trainer keeps its best validation
+step in ``NAME.pt``, which differs between arms, and a bilevel arm's best step may come before
+its self-tuning has acted. ``evaluate`` exports them from ``NAME.resume.pt`` to
+``DIR/seed<S>/<arm>/final/`` with a model card saying so (the validation, cost and loss weights
+of the final step), refuses runs that ended at different steps, and records the step; the
+grid's best is chosen on the validation Dice of these weights.
 
 The claim tested: bilevel from a mis-set start recovers at least half of the gap between the
 mis-set arm and the grid's best (Dice and ground-truth error). The recovered share is given per
@@ -54,6 +63,7 @@ import numpy as np  # noqa: E402
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
 from .ablation_common import (SUBSETS, ablation_parser, add_evaluate_and_speed,  # noqa: E402
+                              evaluate_final_weights, export_final_arms, final_weights_line,
                               means_table, run_command, speed_sentence, time_deployed_network,
                               trainer_command, training_losses_lines, write_per_case_csv)
 from .mmln_ablation import (compare_arms, comparisons_table, finished,  # noqa: E402
@@ -132,52 +142,23 @@ def command_train(args) -> None:
 
 
 # -------------------------------------------------------------------------------- evaluation
-def read_card(path: str) -> Dict:
-    from DeepRegistrationLib.methods.base import model_card_path
-    with open(model_card_path(path)) as handle:
-        return json.load(handle)
-
-
 def command_evaluate(args) -> None:
-    import torch
-    from .data import available_sources
-    from .evaluate import build_cases, case_specs, run_one
+    """Every arm's final weights (``export_final_arms``: the same step for every arm) on the
+    evaluation cases, then the report."""
     from .mmln_ablation import case_metrics
 
-    seeds = sorted(int(d[4:]) for d in os.listdir(args.output) if d.startswith("seed"))
-    if not seeds:
-        raise UserInputError(f"no seed<N> folders with checkpoints in {args.output}; run "
-                             "'python -m training.multiprop_ablation train' first")
-    cases = build_cases(args.cases, os.path.join(args.output, "cases"))
-    sources = {spec.name: spec.source for spec in case_specs(args.cases, available_sources())}
-    rows, cards = [], {}
-    for seed in seeds:
-        for arm, (variant, _) in ARMS.items():
-            path = arm_path(args.output, seed, arm)
-            if not os.path.isfile(path):
-                print(f"seed{seed}/{arm}: no checkpoint, skipped", file=sys.stderr)
-                continue
-            card = cards[(seed, arm)] = read_card(path)
-            seen = [source["name"] for source in card["data"]["sources"]]
-            os.environ["DEEPREG_CHECKPOINTS"] = os.path.abspath(os.path.dirname(path))
-            for case in cases:
-                job = {"kind": "method", "name": "multiprop", "fixed": case.paths["fixed"],
-                       "moving": case.paths["moving"], "options": {"variant": variant}}
-                result = run_one(job)
-                values = case_metrics(case, torch.from_numpy(result["displacement"]))
-                rows.append({"seed": seed, "arm": arm, "case": case.name,
-                             "source": sources[case.name],
-                             "anatomy": "seen" if sources[case.name] in seen else "unseen",
-                             "seconds": result["seconds"], **values})
-                print(f"seed{seed} {arm} {case.name}: " + " ".join(
-                    f"{m} {rows[-1][m]:.4f}" for m, _ in METRICS), file=sys.stderr, flush=True)
+    cards = export_final_arms(args.output, ARMS, arm_path, PROG)
+    rows = evaluate_final_weights(args, cards, arm_path, "multiprop", lambda arm: ARMS[arm][0],
+                                  case_metrics, METRICS)
     write_evaluation(args, rows, cards)
 
 
 def grid_best(cards: Dict, seed: int) -> Optional[str]:
-    """The grid arm with the best *validation* Dice of its model card (never evaluation)."""
+    """The grid arm with the best *validation* Dice of its model card (never evaluation): of
+    the weights evaluated, the final step's (``export_final_weights``); None unless every grid
+    arm of the seed has one."""
     scored = [(cards[(seed, arm)]["validation"]["metrics"]["dice"], arm) for arm in GRID
-              if (seed, arm) in cards]
+              if (cards.get((seed, arm)) or {}).get("validation")]
     return max(scored)[1] if len(scored) == len(GRID) else None
 
 
@@ -310,7 +291,8 @@ def transfer_lines(cards: Dict) -> List[str]:
 # ------------------------------------------------------------------------------------ report
 def write_evaluation(args, rows: List[Dict], cards: Dict) -> None:
     folder = args.output
-    columns = ["seed", "arm", "case", "source", "anatomy", "seconds"] + [m for m, _ in METRICS]
+    columns = ["seed", "arm", "step", "case", "source", "anatomy", "seconds"] \
+        + [m for m, _ in METRICS]
     write_per_case_csv(os.path.join(folder, "per_case.csv"), rows, columns)
     comparisons = paired_comparisons(rows, cards)
     write_comparisons_csv(os.path.join(folder, "comparisons.csv"), comparisons)
@@ -319,14 +301,15 @@ def write_evaluation(args, rows: List[Dict], cards: Dict) -> None:
         # strict JSON: an undefined share ("no gap") is null, not NaN
         json.dump(_nan_to_none(recovered), handle, indent=2, allow_nan=False)
     lines = means_table(f"MultiProp ablation ({args.cases} cases)", rows, list(ARMS), METRICS)
-    lines += ["", *training_losses_lines(cards)]
+    lines += ["", final_weights_line(cards), "", *training_losses_lines(cards)]
     lines += ["", "## Recovery from a mis-set regularisation weight", "",
               *recovery_table(recovered)]
     lines += ["", "## Paired comparisons (first - second per case; each arm's seeds averaged "
                   f"per case first, so units are cases; {GRID_BEST}: each seed's best grid arm "
                   "by validation Dice)", "", *comparisons_table(comparisons, ("anatomy",))]
     lines += ["", "## Transfer case", "", *transfer_lines(cards)]
-    lines += ["", "## Final loss weights (model cards; trajectories in weights.json)", "",
+    lines += ["", "## Final loss weights (model cards of the final weights; trajectories in "
+                  "weights.json)", "",
               "| seed | arm | " + " | ".join(("similarity1", "similarity2", "regularisation",
                                                "folding")) + " |", "|" + "---|" * 6]
     trajectories = {}
