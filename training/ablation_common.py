@@ -115,7 +115,8 @@ def training_losses_lines(cards: Dict[Tuple[int, str], Dict]) -> List[str]:
 def resume_path(checkpoint: str) -> str:
     """The trainer's ``NAME.resume.pt`` beside ``NAME.pt``: the weights at the run's last step
     (with its optimiser and step), while ``NAME.pt`` holds its best validation step's."""
-    return os.path.splitext(checkpoint)[0] + ".resume.pt"
+    from .train import side_paths
+    return side_paths(checkpoint)["resume"]
 
 
 def final_folder(checkpoint: str) -> str:

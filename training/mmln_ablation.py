@@ -61,9 +61,9 @@ import numpy as np  # noqa: E402
 from .ablation_common import (SUBSETS, ablation_parser, add_evaluate_and_speed,  # noqa: E402
                               add_loss_options, check_kept_run, evaluate_final_weights,
                               export_final_arms, final_step_validation, final_weights_line,
-                              means_table, run_command, speed_sentence, time_deployed_network,
-                              trainer_command, training_losses, training_losses_lines,
-                              write_per_case_csv)
+                              means_table, resume_path, run_command, speed_sentence,
+                              time_deployed_network, trainer_command, training_losses,
+                              training_losses_lines, write_per_case_csv)
 
 PROG = "python -m training.mmln_ablation"
 ARMS = ("L", "LC", "LCD", "LC-uncoupled", "LCD-uncoupled")
@@ -100,7 +100,7 @@ def train_arm(arm: str, k: float, seed: int, output: str, args) -> Dict:
         print(f"{output}: trained already, kept (--retrain to train again)", file=sys.stderr)
     else:
         print(" ".join(command), file=sys.stderr, flush=True)
-        resume = os.path.splitext(output)[0] + ".resume.pt"
+        resume = resume_path(output)
         if os.path.isfile(resume) and not args.retrain:
             command += ["--resume", resume]
         subprocess.run(command, check=True)

@@ -64,8 +64,9 @@ from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
 from .ablation_common import (SUBSETS, ablation_parser, add_evaluate_and_speed,  # noqa: E402
                               evaluate_final_weights, export_final_arms, final_weights_line,
-                              means_table, run_command, speed_sentence, time_deployed_network,
-                              trainer_command, training_losses_lines, write_per_case_csv)
+                              means_table, resume_path, run_command, speed_sentence,
+                              time_deployed_network, trainer_command, training_losses_lines,
+                              write_per_case_csv)
 from .mmln_ablation import (compare_arms, comparisons_table, finished,  # noqa: E402
                             seed_means, write_comparisons_csv)  # (the same bookkeeping)
 
@@ -121,7 +122,7 @@ def train_arm(arm: str, seed: int, output: str, args) -> Dict:
     if finished(card_path, args.iterations) and not args.retrain:
         print(f"{output}: trained already, kept (--retrain to train again)", file=sys.stderr)
     else:
-        resume = os.path.splitext(output)[0] + ".resume.pt"
+        resume = resume_path(output)
         if os.path.isfile(resume) and not args.retrain:
             command += ["--resume", resume]
         print(" ".join(command), file=sys.stderr, flush=True)
