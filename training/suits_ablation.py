@@ -37,6 +37,7 @@ Wilcoxon p) of SUITS against its controls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -52,7 +53,8 @@ import torch  # noqa: E402
 
 from DeepRegistrationLib.errors import UserInputError  # noqa: E402
 
-from .ablation_common import SUBSETS, means_table, write_per_case_csv  # noqa: E402
+from .ablation_common import (SUBSETS, checkpoints_from, means_table,  # noqa: E402
+                              write_per_case_csv)
 from .mmln_ablation import (compare_arms, comparisons_table, seed_means,  # noqa: E402
                             write_comparisons_csv)
 
@@ -280,10 +282,8 @@ def speed(args) -> Dict:
         torch.manual_seed(0)
         save_checkpoint(os.path.join(folder, "suits.pt"), build_network(spec.config), "suits",
                         dict(spec.config), {"note": "untrained weights, for timing only"})
-        saved = os.environ.get("DEEPREG_CHECKPOINTS")
-        os.environ["DEEPREG_CHECKPOINTS"] = folder
         base._NETWORK_CACHE.clear()
-        try:
+        with checkpoints_from(folder):
             engine.register(fixed, moving, "suits", options={"variant": "mind"})  # warm-up
             for variant in ("suits", "mind"):
                 for recompute in (False, True):
@@ -302,11 +302,6 @@ def speed(args) -> Dict:
                     best = min(r["seconds"] for r in runs)
                     print(f"{variant} recompute_features={recompute}: best {best:.2f} s of "
                           f"{[round(r['seconds'], 2) for r in runs]}", flush=True)
-        finally:
-            if saved is None:
-                os.environ.pop("DEEPREG_CHECKPOINTS", None)
-            else:
-                os.environ["DEEPREG_CHECKPOINTS"] = saved
     size = "x".join(str(n) for n in fixed.GetSize())
     payload = {"pair": f"MNI152 demo pair at {args.spacing:g} mm ({size})",
                "working_spacing_mm": spec.working_spacing_mm, "iterations": spec.config[
@@ -474,20 +469,16 @@ def run_row(row: str, case, folders: Dict[str, str], lambdas: Dict[str, float], 
     if row.endswith("-refine"):
         steps, similarity = refine, "mi"
     folder = folders.get(row) or folders.get(row.replace("-recompute", "").replace("-refine", ""))
-    saved = os.environ.get("DEEPREG_CHECKPOINTS")
-    if folder and method == "suits":
-        os.environ["DEEPREG_CHECKPOINTS"] = folder
+    own_checkpoints = folder and method == "suits"
+    if own_checkpoints:
         base._NETWORK_CACHE.clear()
     try:
-        started = time.perf_counter()
-        result = engine.register(case.fixed, case.moving, method, refine=steps,
-                                 similarity=similarity, options=options)
-        return result.displacement, time.perf_counter() - started
+        with checkpoints_from(folder) if own_checkpoints else contextlib.nullcontext():
+            started = time.perf_counter()
+            result = engine.register(case.fixed, case.moving, method, refine=steps,
+                                     similarity=similarity, options=options)
+            return result.displacement, time.perf_counter() - started
     finally:
-        if saved is None:
-            os.environ.pop("DEEPREG_CHECKPOINTS", None)
-        else:
-            os.environ["DEEPREG_CHECKPOINTS"] = saved
         base._NETWORK_CACHE.clear()
 
 
