@@ -263,3 +263,12 @@ def test_curriculum_trains_coarse_then_fine_and_keeps_only_fine_checkpoints(tmp_
     assert [(h["step"], h["spacing_mm"]) for h in history] == [
         (0, 8.0), (1, 8.0), (2, 4.0), (3, 4.0), (4, 4.0)]
     assert "curriculum: steps 0-1 at 8.0 mm" in open(tmp_path / "c.log").read()
+    # the network as the 8 mm stage left it (step 2) is kept apart, runnable at 8 mm
+    snapshot = tmp_path / "c.8mm.pt"
+    stage_card = json.load(open(tmp_path / "c.8mm.json"))
+    assert stage_card["working_spacing_mm"] == 8.0 and stage_card["validation"]["step"] == 2
+    assert "end of the 8 mm curriculum stage" in stage_card["training"]["stage_snapshot"]
+    assert stage_card["sha256"] != card["sha256"]
+    with vm_diff_copy("curriculum-test", {}):
+        network = load_network(get_method("curriculum-test"), path=str(snapshot))
+    assert network.working_spacing_mm == 8.0

@@ -379,6 +379,14 @@ def side_paths(output: str) -> Dict[str, str]:
     return {"log": stem + ".log", "resume": stem + ".resume.pt", "card": stem + ".json"}
 
 
+def stage_checkpoint_path(output: str, spacing_mm: float) -> str:
+    """Where the network is kept as it was at the end of a coarse stage (e.g. ``vtn.4mm.pt``
+    beside ``vtn.pt``): a network for that coarser working grid, faster and less detailed, and
+    the 4 mm side of the trade-off against the finished 2 mm one."""
+    stem = os.path.splitext(os.path.abspath(output))[0]
+    return f"{stem}.{spacing_mm:g}mm.pt"
+
+
 def resolve_curriculum(spec: MethodSpec, options: TrainOptions, spacing: float,
                        stages: Optional[List[Dict]] = None) -> List[Dict]:
     """The coarse stages before the working grid, coarse to fine: each
@@ -624,6 +632,23 @@ def train(options: TrainOptions) -> Dict:
             log(f"step {at_step}: best so far, saved {options.output} (sha256 "
                 f"{card['sha256'][:12]})")
 
+    def save_stage_checkpoint(stage: Dict) -> None:
+        """The network at the end of a coarse stage, validated there, as a checkpoint whose
+        working grid is the stage's (it never competes with the working-grid "best")."""
+        pairs = stage_validation[stages.index(stage)]
+        metrics = validate(network, pairs, loss_fn, spec, config, stage["spacing_mm"])
+        card = card_for(metrics, step)
+        card["working_spacing_mm"] = stage["spacing_mm"]
+        card["training"]["stage_snapshot"] = (
+            f"the network at the end of the {stage['spacing_mm']:g} mm curriculum stage (step "
+            f"{step} of {options.iterations}); validation on that stage's grid")
+        card["validation"]["identity"] = identity_metrics(pairs, stage["spacing_mm"])
+        card["deformable_validation"] = card["unseen_validation"] = None
+        path = stage_checkpoint_path(options.output, stage["spacing_mm"])
+        saved = save_checkpoint(path, network, spec.name, config, card)
+        log(f"step {step}: end of the {stage['spacing_mm']:g} mm stage, saved {path} (sha256 "
+            f"{saved['sha256'][:12]}; {_fmt(metrics)})")
+
     if step == 0:
         run_validation(0)
     _interrupt_on_sigterm()  # a background run stopped with kill saves its resume state too
@@ -666,6 +691,9 @@ def train(options: TrainOptions) -> Dict:
             bar.update(step, f"loss {running['loss']:.4f}")
             if step % options.log_every == 0 or step == 1:
                 log(f"step {step}: {_fmt(terms)} lr {scheduler.get_last_lr()[0]:.2e}")
+            for stage in stages:
+                if step == stage["steps"]:
+                    save_stage_checkpoint(stage)
             if options.val_every and step % options.val_every == 0 and step < options.iterations:
                 elapsed += time.perf_counter() - tic
                 tic = time.perf_counter()
