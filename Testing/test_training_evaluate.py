@@ -258,3 +258,46 @@ def test_unseen_cases_take_another_subject_and_never_fall_back_to_seen_anatomy(t
     case = ev.build_case(specs[0], 6.0, 0)
     assert case.sources == (path,) and case.truth is not None
     assert sitk.GetArrayFromImage(case.fixed_labels).max() > 0  # Otsu classes give Dice labels
+
+
+def test_several_refine_settings_and_another_checkpoint_in_one_run(tmp_path):
+    """``--refine 0,4x2`` runs each network once per setting (io once), ``METHOD=FILE`` reads
+    that method's network from a file (a run's 4 mm stage, a candidate) under its own label, and
+    the registry is left as it was."""
+    from conftest import blob_volume, make_image
+    from test_training_loop import TINY
+
+    from DeepRegistrationLib.methods import METHODS, get_method, save_checkpoint
+    from DeepRegistrationLib.methods.base import _NETWORK_CACHE
+
+    spec = get_method("vm-diff")
+    path = str(tmp_path / "candidate.4mm.pt")
+    save_checkpoint(path, spec.build_network(dict(spec.config, **TINY)), "vm-diff",
+                    dict(spec.config, **TINY), {"working_spacing_mm": 8.0})
+    runs, _ = ev.plan_runs(ev.EvaluateOptions(methods=["io", f"vm-diff={path}"], peers=[],
+                                              output="unused", refine="0,4x2"))
+    assert [(r["label"], r["refine"]) for r in runs] == [
+        ("io", "0"), ("vm-diff [candidate.4mm.pt]", "0"),
+        ("vm-diff [candidate.4mm.pt] +refine 4x2", "4x2")]
+    assert ev.refine_settings("60, 0,60") == ["60", "0"]
+    with pytest.raises(UserInputError):
+        ev.refine_settings("0,fast")
+    with pytest.raises(UserInputError, match="not found"):
+        ev.plan_runs(ev.EvaluateOptions(methods=[f"vtn={tmp_path / 'nope.pt'}"], peers=[],
+                                        output="unused"))
+    with pytest.raises(UserInputError, match="holds a 'vm-diff' network"):
+        ev.plan_runs(ev.EvaluateOptions(methods=[f"vtn={path}"], peers=[], output="unused"))
+    with pytest.raises(UserInputError, match="no network"):
+        ev.plan_runs(ev.EvaluateOptions(methods=[f"io={path}"], peers=[], output="unused"))
+
+    image = make_image(blob_volume((24, 28, 20), seed=2), spacing=(4.0, 4.0, 4.0))
+    for name in ("fixed", "moving"):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    registered = METHODS["vm-diff"]
+    job = dict(kind="method", name="vm-diff", fixed=str(tmp_path / "fixed.nii.gz"),
+               moving=str(tmp_path / "moving.nii.gz"), refine="0",
+               checkpoint=runs[1]["checkpoint"], options={})
+    result = ev.run_one(job)
+    assert result["displacement"].shape == (1, 3, 24, 28, 20)
+    assert METHODS["vm-diff"] is registered
+    assert any(key[0] == runs[1]["checkpoint"] for key in _NETWORK_CACHE)

@@ -91,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="compare methods and peers on fixed cases")
     evaluate.add_argument("--methods", default="io",
                           help="comma-separated method names; NAME@VARIANT for a variant "
-                               "(e.g. vtn@AD for an ablation)")
+                               "(e.g. vtn@AD for an ablation); NAME=FILE for that method with "
+                               "the network in FILE (e.g. a run's vtn.4mm.pt), beside the "
+                               "shipped one")
     evaluate.add_argument("--peers", default="", help="comma-separated: ants, demons, elastix")
     evaluate.add_argument("--output", required=True, metavar="DIR")
     evaluate.add_argument("--cases", default="small",
@@ -106,9 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--options", default="{}",
                           help="JSON {method: options} passed to engine.register, e.g. "
                                "'{\"io\": {\"iterations\": [20, 10]}}'")
-    evaluate.add_argument("--refine", default="0", metavar="N|AxB",
+    evaluate.add_argument("--refine", default="0", metavar="N|AxB[,...]",
                           help="instance-optimisation steps after each network method: a total, "
-                               "or A steps on the half grid and B on the full grid")
+                               "or A steps on the half grid and B on the full grid; several "
+                               "settings comma-separated (0,10x2,60) run each network once per "
+                               "setting, for the seconds-against-Dice trade-off")
     evaluate.add_argument("--in-process", action="store_true",
                           help="run everything in this process (peak memory less meaningful)")
     evaluate.add_argument("--quiet", action="store_true")
@@ -178,11 +182,9 @@ def command_train(args) -> None:
 
 
 def command_evaluate(args) -> None:
-    from DeepRegistrationLib.engine import refine_schedule
+    from .evaluate import EvaluateOptions, evaluate, refine_settings
 
-    from .evaluate import EvaluateOptions, evaluate
-
-    refine_schedule(args.refine)  # a malformed schedule is refused before any case is built
+    refine_settings(args.refine)  # a malformed schedule is refused before any case is built
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     peers = [n.strip() for n in args.peers.split(",") if n.strip()]
     table = evaluate(EvaluateOptions(methods=names, peers=peers, output=args.output,

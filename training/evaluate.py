@@ -409,8 +409,15 @@ def run_one(job: Dict) -> Dict:
     started = time.perf_counter()
     if job["kind"] == "method":
         from DeepRegistrationLib.engine import register
-        result = register(fixed, moving, method=job["name"], refine=job.get("refine", 0),
-                          similarity=job.get("similarity"), options=job.get("options"))
+        from DeepRegistrationLib.methods import METHODS
+        registered = METHODS[job["name"]]
+        if job.get("checkpoint"):  # the registry reads the network from that file meanwhile
+            METHODS[job["name"]] = _with_checkpoint(registered, job["checkpoint"])
+        try:
+            result = register(fixed, moving, method=job["name"], refine=job.get("refine", 0),
+                              similarity=job.get("similarity"), options=job.get("options"))
+        finally:
+            METHODS[job["name"]] = registered
         displacement = result.displacement
     else:
         from .peers import run_peer
@@ -513,7 +520,9 @@ class EvaluateOptions:
     output: str
     cases: str = "small"
     options: Dict = field(default_factory=dict)  # {method: engine options}
-    refine: Union[int, str] = 0  # engine.refine_schedule: a total or AxB
+    # engine.refine_schedule (a total or AxB) after every network, or several comma-separated
+    # ("0,10x2,60"): each network then runs once per setting, labelled "vtn +refine 10x2"
+    refine: Union[int, str] = 0
     unseen_source: Optional[str] = None  # the subject of the unseen cases (default itk-t1)
     subprocess: bool = True
     verbose: bool = True
@@ -530,23 +539,61 @@ def _peer_available(name: str) -> Optional[str]:
     return None
 
 
+def refine_settings(refine: Union[int, str]) -> List[str]:
+    """The ``--refine`` settings of one evaluation, each checked by ``engine.refine_schedule``
+    (``"0,10x2,60"`` -> ``["0", "10x2", "60"]``), in the order given, without repeats."""
+    from DeepRegistrationLib.engine import refine_schedule
+
+    settings = [part.strip() for part in str(refine).split(",") if part.strip()] or ["0"]
+    for setting in settings:
+        refine_schedule(setting)  # a malformed schedule is the user's mistake: a clear error
+    return list(dict.fromkeys(settings))
+
+
+def _with_checkpoint(spec, checkpoint: str):
+    """``spec`` reading its network from ``checkpoint`` (a file the user names, e.g. a run's
+    ``vtn.4mm.pt``), refused clearly when the file is missing or holds another method."""
+    import dataclasses
+
+    from DeepRegistrationLib.methods.base import read_checkpoint
+    path = os.path.abspath(checkpoint)
+    if not spec.needs_checkpoint:
+        raise UserInputError(f"method '{spec.name}' has no network: it takes no checkpoint")
+    if not os.path.isfile(path):
+        raise UserInputError(f"checkpoint '{checkpoint}' not found")
+    held = read_checkpoint(path).get("method")
+    if held != spec.name:
+        raise UserInputError(f"checkpoint '{checkpoint}' holds a '{held}' network, not "
+                             f"'{spec.name}'")
+    # find_checkpoint joins a folder with this name: an absolute path stays itself
+    return dataclasses.replace(spec, checkpoint=path)
+
+
 def plan_runs(options: EvaluateOptions) -> Tuple[List[Dict], List[str]]:
     """The (kind, name) runs and the notes about what is skipped."""
     from DeepRegistrationLib.methods import get_method
     from .peers import PEERS
 
     runs, notes = [], []
-    for label in options.methods:
+    settings = refine_settings(options.refine)
+    for entry in options.methods:
+        label, _, checkpoint = entry.partition("=")  # "vtn=runs/x/vtn.pt": another checkpoint
         name, _, variant = label.partition("@")  # "vtn@AD": a method's variant (ablations)
         spec = get_method(name)  # an unknown name is the user's mistake: fail clearly
         if variant and variant not in spec.variants:
             raise UserInputError(f"method '{name}' has no variant '{variant}'")
+        if checkpoint:
+            spec = _with_checkpoint(spec, checkpoint)
+            label = f"{label} [{os.path.basename(checkpoint)}]"
         if not spec.available:
             notes.append(f"{label}: skipped, no checkpoint ({spec.checkpoint}); train it with "
                          f"'python -m training train --method {name}'")
             continue
-        runs.append({"kind": "method", "name": name, "label": label, "spec": spec,
-                     "variant": variant or None})
+        for refine in (settings if spec.needs_checkpoint else ["0"]):
+            runs.append({"kind": "method", "name": name, "spec": spec,
+                         "label": label if refine == "0" else f"{label} +refine {refine}",
+                         "variant": variant or None, "refine": refine,
+                         "checkpoint": spec.checkpoint if checkpoint else None})
     for name in options.peers:
         if name not in PEERS:
             raise UserInputError(f"unknown peer '{name}'; choose from {', '.join(PEERS)}")
@@ -598,7 +645,8 @@ def evaluate(options: EvaluateOptions) -> str:
                                                           options.options.get(run["name"], {})))
                 if run["variant"]:
                     job["options"]["variant"] = run["variant"]
-                job["refine"] = options.refine if spec.needs_checkpoint else 0
+                job["refine"] = run["refine"]
+                job["checkpoint"] = run["checkpoint"]
                 if case.multimodal and "mind" in spec.similarities:
                     job["similarity"] = "mind"
             try:
@@ -714,11 +762,19 @@ def write_results(options: EvaluateOptions, cases: List[Case], rows: List[Dict],
             f"SimpleITK {sitk.Version.VersionString()}, Python {platform.python_version()}, "
             f"{os.cpu_count()} CPU cores; peak memory: {memory}. Every metric is computed by "
             "the same code from each tool's displacement field on the fixed grid.", ""]
-    if options.refine not in (0, "0"):
+    settings = refine_settings(options.refine)
+    if settings != ["0"]:
         from DeepRegistrationLib.engine import refine_schedule
-        half, full = refine_schedule(options.refine)
-        text += [f"Every trained network is followed by `--refine {options.refine}`: {half} "
-                 f"instance-optimisation steps on the half grid, {full} on the full grid.", ""]
+        described = []
+        for setting in settings:
+            if setting == "0":
+                described.append("none")
+                continue
+            half, full = refine_schedule(setting)
+            described.append(f"`--refine {setting}` ({half} instance-optimisation steps on the "
+                             f"half grid, {full} on the full grid)")
+        text += ["Every trained network runs once per refinement setting: "
+                 + ", ".join(described) + "; each row's label names its setting.", ""]
     text += ["## Summary (mean over cases)", "", summary, ""]
     anatomies = {r.get("anatomy") for r in rows} - {"-"}
     if anatomies:

@@ -80,6 +80,16 @@ def plot(summary: Dict[str, Dict[str, float]], path: str, title: str) -> None:
                          linestyle="--", linewidth=1)
             axes.text(0.99, summary[name]["dice"], f" {name}", va="bottom", ha="right",
                       transform=axes.get_yaxis_transform(), fontsize=8, color="0.3")
+    # each network's refinement settings joined by a line: the network's own trade-off curve
+    curves = defaultdict(list)
+    for method, values in summary.items():
+        if method not in BASELINES and values["kind"] != "peer":
+            curves[method.split(" +refine")[0]].append((values["seconds"], values["dice"]))
+    for points in curves.values():
+        if len(points) > 1:
+            points.sort()
+            axes.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue",
+                      linewidth=0.8, alpha=0.5, zorder=2)
     for method, values in sorted(summary.items()):
         if method in BASELINES:
             continue
