@@ -73,32 +73,49 @@ def plot(summary: Dict[str, Dict[str, float]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.0, 4.6))
+    from matplotlib.ticker import FuncFormatter
+
+    figure, axes = plt.subplots(figsize=(8.0, 5.2))
     for name in BASELINES:
         if name in summary:
             axes.axhline(summary[name]["dice"], color="0.6" if name == "identity" else "0.3",
                          linestyle="--", linewidth=1)
             axes.text(0.99, summary[name]["dice"], f" {name}", va="bottom", ha="right",
                       transform=axes.get_yaxis_transform(), fontsize=8, color="0.3")
-    # each network's refinement settings joined by a line: the network's own trade-off curve
+    # each network in its own colour, its refinement settings joined by a line (the network's
+    # own trade-off curve); the network's name at its point alone, the setting at the others
     curves = defaultdict(list)
     for method, values in summary.items():
-        if method not in BASELINES and values["kind"] != "peer":
-            curves[method.split(" +refine")[0]].append((values["seconds"], values["dice"]))
-    for points in curves.values():
-        if len(points) > 1:
-            points.sort()
-            axes.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue",
-                      linewidth=0.8, alpha=0.5, zorder=2)
+        if method not in BASELINES and values["kind"] != "peer" and not method.startswith("io"):
+            network, _, setting = method.partition(" +refine")
+            curves[network].append((values["seconds"], values["dice"], setting.strip()))
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 4, 5, 6, 8, 9, 7)]  # not io's green or
+    for index, (network, points) in enumerate(sorted(curves.items())):       # the peers' red
+        colour = palette[index % len(palette)]
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], color=colour, linewidth=1.0,
+                  alpha=0.6, zorder=2)
+        for seconds, dice, setting in points:
+            axes.scatter(seconds, dice, marker="o", color=colour, zorder=3,
+                         label=network if not setting else None)
+            if setting:
+                axes.annotate(f"+{setting}", (seconds, dice), textcoords="offset points",
+                              xytext=(4, -9), fontsize=7, color=colour)
     for method, values in sorted(summary.items()):
-        if method in BASELINES:
-            continue
         peer = values["kind"] == "peer"
-        axes.scatter(values["seconds"], values["dice"], marker="s" if peer else "o",
-                     color="tab:red" if peer else ("tab:green" if method.startswith("io")
-                                                    else "tab:blue"), zorder=3)
+        if method in BASELINES or not (peer or method.startswith("io")):
+            continue
+        axes.scatter(values["seconds"], values["dice"], marker="s" if peer else "D",
+                     color="tab:red" if peer else "tab:green", zorder=4)
         axes.annotate(PEERS.get(method, method), (values["seconds"], values["dice"]),
-                      textcoords="offset points", xytext=(5, 3), fontsize=8)
+                      textcoords="offset points", xytext=(5, 3), fontsize=8,
+                      color="tab:red" if peer else "tab:green")
+    if curves:
+        axes.legend(title="network (+ --refine setting)", fontsize=7, title_fontsize=7,
+                    loc="upper left", frameon=False)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.xaxis.set_major_formatter(plain)
+    axes.xaxis.set_minor_formatter(plain)
     axes.set_xscale("log")
     axes.set_xlabel("seconds per registration (mean, log scale)")
     axes.set_ylabel("mean Dice")
