@@ -73,9 +73,9 @@ def test_refinement_starts_from_the_initial_field(pair):
 
 
 def test_refinement_improves_its_start_and_beats_the_same_steps_from_zero(pair):
-    """The refinement optimises M o (u0 * exp(v)) with the moving image pulled back through the
-    start once per level: from a start it must end better than the start and better than the
-    same few steps from the identity (both measured by the library's own warp, not the loop's)."""
+    """The refinement optimises M o (u0 * exp(v)) (with a gradient that leaves out u0's own
+    spatial derivative): from a start it must end better than the start and better than the same
+    few steps from the identity (both measured by the library's own warp, not the loop's)."""
     from DeepRegistrationLib.losses import local_ncc_loss
     fixed, moving = pair
     f, m = image_to_tensor(fixed), image_to_tensor(moving)
