@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 
 PEERS = {"ants": "ANTs SyN", "demons": "SimpleITK demons", "elastix": "elastix B-spline"}
 BASELINES = ("identity", "truth")
+DEFAULT_TITLE = "Dice against seconds (same cases, same machine)"
 # columns averaged besides Dice and seconds, where a run has them (nan when it does not)
 EXTRA_COLUMNS = ("gt_error_mm", "folding_percent_strict")
 
@@ -127,14 +128,15 @@ def plot(summary: Dict[str, Dict[str, float]], path: str, title: str) -> None:
 
 
 def report(rows: List[Dict], runs: List[str], output: str,
-           title: str = "Dice against seconds (same cases, same machine)") -> Dict[str, Dict]:
+           title: str = DEFAULT_TITLE) -> Dict[str, Dict]:
     """Write ``tradeoff.png`` and ``tradeoff.md`` for ``rows`` (of ``read_runs(runs)``) into
     ``output``, print the table, and return the summary."""
     cases, summary = summarise(rows)
     os.makedirs(output, exist_ok=True)
     plot(summary, os.path.join(output, "tradeoff.png"), title)
+    title_option = "" if title == DEFAULT_TITLE else f" --title '{title}'"
     lines = [f"<!-- written by: python -m training.tradeoff {' '.join(runs)} "
-             f"--output {output} -->", "",
+             f"--output {output}{title_option} -->", "",
              f"Mean over the {len(cases)} cases every method finished: {', '.join(cases)}.", "",
              "| method | Dice | seconds |", "|---|---|---|"]
     for method, values in sorted(summary.items(), key=lambda item: item[1]["seconds"]):
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="evaluation output folders, FOLDER[=SUFFIX]")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--title", default="Dice against seconds (same cases, same machine)")
+    parser.add_argument("--title", default=DEFAULT_TITLE)
     args = parser.parse_args(argv)
     rows = read_runs(args.runs)
     if not rows:
