@@ -182,9 +182,9 @@ def command_train(args) -> None:
 
 
 def command_evaluate(args) -> None:
-    from .evaluate import EvaluateOptions, evaluate, refine_settings
+    from .evaluate import EvaluateOptions, evaluate
 
-    refine_settings(args.refine)  # a malformed schedule is refused before any case is built
+    # evaluate() refuses a malformed --refine (plan_runs) before it writes anything
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     peers = [n.strip() for n in args.peers.split(",") if n.strip()]
     table = evaluate(EvaluateOptions(methods=names, peers=peers, output=args.output,

@@ -401,27 +401,31 @@ def _reset_peak() -> bool:
 
 def run_one(job: Dict) -> Dict:
     """Register one case with one method or peer; returns the field and the costs."""
+    import dataclasses
+
+    from DeepRegistrationLib.methods import METHODS
     fixed = sitk.ReadImage(job["fixed"], sitk.sitkFloat32)
     moving = sitk.ReadImage(job["moving"], sitk.sitkFloat32)
+    registered = METHODS.get(job["name"])
+    if job.get("checkpoint"):  # checked by plan_runs; the registry reads that file meanwhile,
+        # swapped in before the clock and the peak memory start, as the shipped one is found
+        METHODS[job["name"]] = dataclasses.replace(registered, checkpoint=job["checkpoint"])
     rusage_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
     before = _status()
     started = time.perf_counter()
-    if job["kind"] == "method":
-        from DeepRegistrationLib.engine import register
-        from DeepRegistrationLib.methods import METHODS
-        registered = METHODS[job["name"]]
-        if job.get("checkpoint"):  # the registry reads the network from that file meanwhile
-            METHODS[job["name"]] = _with_checkpoint(registered, job["checkpoint"])
-        try:
+    try:
+        if job["kind"] == "method":
+            from DeepRegistrationLib.engine import register
             result = register(fixed, moving, method=job["name"], refine=job.get("refine", 0),
                               similarity=job.get("similarity"), options=job.get("options"))
-        finally:
+            displacement = result.displacement
+        else:
+            from .peers import run_peer
+            displacement, _ = run_peer(job["name"], fixed, moving)
+    finally:
+        if job.get("checkpoint"):
             METHODS[job["name"]] = registered
-        displacement = result.displacement
-    else:
-        from .peers import run_peer
-        displacement, _ = run_peer(job["name"], fixed, moving)
     seconds = time.perf_counter() - started
     after = _status()
     if reset and "VmHWM" in after and "VmRSS" in before:
