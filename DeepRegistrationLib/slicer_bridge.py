@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -160,8 +160,18 @@ def python_executable(which=None) -> str:
     return found if found else sys.executable
 
 
+def refine_argument(refine: Union[int, Sequence[int]]) -> str:
+    """``--refine``'s token for a total (``"60"``) or a (half grid, full grid) pair (``"10x2"``).
+    Raises ValueError for a negative count or a pair of another length."""
+    steps = [int(refine)] if isinstance(refine, (int, float, str)) else [int(v) for v in refine]
+    if len(steps) not in (1, 2) or min(steps) < 0:
+        raise ValueError(f"refine must be a number of steps >= 0 or a pair of them, got {refine!r}")
+    return "x".join(str(v) for v in steps)
+
+
 def build_register_command(python_executable: str, fixed_path: str, moving_path: str,
-                           output_dir: str, method: str, refine: int = 0,
+                           output_dir: str, method: str,
+                           refine: Union[int, Sequence[int]] = 0,
                            similarity: Optional[str] = None, device: Optional[str] = None,
                            regularization: Optional[float] = None,
                            fixed_labels: Optional[str] = None,
@@ -172,17 +182,16 @@ def build_register_command(python_executable: str, fixed_path: str, moving_path:
     Paths are made absolute (so none can be mistaken for an option). ``similarity``, ``device``
     and ``regularization`` are left out when None, which keeps the method's defaults; so is
     ``initial`` when None or the command line's default ("auto").
+    ``refine`` is a total number of refinement steps (the library splits it between the half and
+    the full grid) or a pair (steps on the half grid, steps on the full grid), passed as ``AxB``.
     ``figure=False`` adds ``--no-figure`` (no qa.png, and no matplotlib needed).
     """
     if not method:
         raise ValueError("a method name is needed")
-    refine = int(refine)
-    if refine < 0:
-        raise ValueError(f"refine must be >= 0, got {refine}")
     command = [str(python_executable), "-m", "DeepRegistrationLib", "register",
                os.path.abspath(fixed_path), os.path.abspath(moving_path),
                "--method", str(method), "--output", os.path.abspath(output_dir),
-               "--refine", str(refine)]
+               "--refine", refine_argument(refine)]
     if similarity:
         command += ["--similarity", str(similarity)]
     if device:

@@ -162,7 +162,18 @@ def test_build_register_command_leaves_out_defaults():
     assert command[command.index("--regularization") + 1] == "0.0"
 
 
-@pytest.mark.parametrize("kwargs", [dict(method=""), dict(refine=-1), dict(initial="sideways"),
+def test_refine_is_a_total_or_a_half_and_full_grid_pair():
+    """The module's two spin boxes become ``--refine AxB``, the command line's explicit split."""
+    assert bridge.refine_argument(60) == "60"
+    assert bridge.refine_argument((10, 2)) == "10x2"
+    assert bridge.refine_argument([0, 0]) == "0x0"
+    for bad in (-1, (10, -2), (1, 2, 3), ()):
+        with pytest.raises(ValueError):
+            bridge.refine_argument(bad)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method=""), dict(refine=-1), dict(refine=(4, -1)),
+                                    dict(initial="sideways"),
                                     dict(regularization=float("nan")), dict(regularization=-1.0)])
 def test_build_register_command_rejects_bad_values(kwargs):
     arguments = dict(python_executable="python", fixed_path="/a", moving_path="/b",
@@ -177,7 +188,7 @@ def test_the_command_line_accepts_the_built_command(tmp_path):
     input file (exit 2, one line), not on the arguments."""
     command = bridge.build_register_command(
         sys.executable, str(tmp_path / "missing_fixed.nii.gz"), str(tmp_path / "missing.nii.gz"),
-        str(tmp_path / "out"), "io", refine=3, similarity="mind", device="cpu",
+        str(tmp_path / "out"), "io", refine=(3, 1), similarity="mind", device="cpu",
         regularization=1.5, fixed_labels=str(tmp_path / "fl.nii.gz"),
         moving_labels=str(tmp_path / "ml.nii.gz"), figure=False, initial="affine")
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -52,7 +52,7 @@ def test_run_writes_the_inputs_in_world_coordinates_and_runs_the_command_line(en
 
     monkeypatch.setattr(env.module.bridge, "RegistrationProcess", Recording)
     progress = []
-    result = logic.run(fixed, moving, method="io", refine=3, similarity="lncc", device="cpu", initial="rigid",
+    result = logic.run(fixed, moving, method="io", refine=(2, 1), similarity="lncc", device="cpu", initial="rigid",
                        fixedLabels=fixed_labels, movingLabels=moving_labels,
                        progressCallback=lambda f, s, m: progress.append(f), timeoutSeconds=600)
     assert result["status"] == "success", result["message"] + "\n" + result["log"]
@@ -61,7 +61,7 @@ def test_run_writes_the_inputs_in_world_coordinates_and_runs_the_command_line(en
 
     def value(flag):
         return command[command.index(flag) + 1]
-    assert value("--method") == "io" and value("--refine") == "3" and value("--initial") == "rigid"
+    assert value("--method") == "io" and value("--refine") == "2x1" and value("--initial") == "rigid"
     assert os.path.basename(value("--fixed-labels")) == "fixed_labels.nii.gz"
     assert sorted(exported) == ["fixed.nii.gz", "fixed_labels.nii.gz", "moving.nii.gz", "moving_labels.nii.gz"]
     # written with the geometry Slicer has for the nodes

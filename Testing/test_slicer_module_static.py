@@ -174,7 +174,7 @@ def test_every_bound_widget_names_a_parameter():
     bindings = ui_bindings()
     unknown = sorted(set(bindings) - set(fields))
     assert not unknown, f"SlicerParameterName without a parameter node field: {unknown}"
-    assert {"fixedVolume", "movingVolume", "fixedLabels", "movingLabels", "refine", "similarity",
+    assert {"fixedVolume", "movingVolume", "fixedLabels", "movingLabels", "refineHalf", "refineFull", "similarity",
             "device", "initial", "regularization", "showGrid", "gridSpacing", "showJacobian",
             "jacobianOpacity", "comparisonView", "showFolding", "applyToMoving", "hardenMoving",
             "outputTransform", "warpedVolume", "jacobianVolume", "warpedLabels",

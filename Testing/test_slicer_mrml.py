@@ -778,14 +778,17 @@ def test_widget_shows_results_key_figures_and_replaces_old_comparison_nodes(envi
     assert p.comparisonVolume is None and slicer.mrmlScene.GetNodeByID(old.GetID()) is None
 
     # Apply asks before writing into the nodes that hold the results
-    started = []
-    monkeypatch.setattr(logic, "startRegistration", lambda *a, **k: started.append(k["outputNodes"]))
+    started, refine = [], []
+    monkeypatch.setattr(logic, "startRegistration",
+                        lambda *a, **k: (started.append(k["outputNodes"]), refine.append(k["refine"])))
     monkeypatch.setattr(logic, "ensureDependencies", lambda askConfirmation=True: True)
     env.app.testing = False
+    p.refineHalf, p.refineFull = 10, 2
     FakeMessageBox.answer = FakeMessageBox.No
     widget.onApplyButton()
     assert FakeMessageBox.asked and second["transform"].GetName() in FakeMessageBox.asked[-1].text
     assert set(started[-1].values()) == {None}, "No: new nodes"
+    assert refine[-1] == (10, 2), "the two spin boxes are one --refine 10x2"
     FakeMessageBox.answer = FakeMessageBox.Yes
     widget.onApplyButton()
     assert started[-1]["transform"] is second["transform"], "Yes: replace"

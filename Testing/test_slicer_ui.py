@@ -71,7 +71,7 @@ def test_widget_classes_match_their_use(ui):
         "statusLabel": QLabel, "methodDescriptionLabel": QLabel, "keyFiguresLabel": QLabel,
         "logTextEdit": QPlainTextEdit, "resultsTableWidget": QTableWidget, "methodComboBox": QComboBox,
         "similarityComboBox": QComboBox, "deviceComboBox": QComboBox, "initialComboBox": QComboBox,
-        "comparisonComboBox": QComboBox, "refineSpinBox": QSpinBox,
+        "comparisonComboBox": QComboBox, "refineSpinBox": QSpinBox, "refineFullSpinBox": QSpinBox,
         "showGridCheckBox": QCheckBox, "showJacobianCheckBox": QCheckBox, "showFoldingCheckBox": QCheckBox,
         "overrideRegularizationCheckBox": QCheckBox, "keepOutputFolderCheckBox": QCheckBox,
         "applyToMovingCheckBox": QCheckBox, "hardenMovingCheckBox": QCheckBox,
@@ -118,9 +118,13 @@ def test_initial_state(ui):
     assert table.columnCount() == 2
     assert [table.horizontalHeaderItem(c).text() for c in range(2)] == ["Measure", "Value"]
     assert table.editTriggers() == QTableWidget.NoEditTriggers
-    spin = ui["refineSpinBox"]
-    assert (spin.minimum(), spin.maximum(), spin.value()) == (0, 5000, 0)
-    assert isinstance(spin, QAbstractSpinBox)
+    half, full = ui["refineSpinBox"], ui["refineFullSpinBox"]
+    assert (half.minimum(), half.maximum(), half.value()) == (0, 5000, 0)
+    assert (full.minimum(), full.maximum(), full.value()) == (0, 1000, 0)
+    assert isinstance(half, QAbstractSpinBox)
+    # the two read as one setting: "10 at half resolution + 2 at full resolution"
+    assert half.suffix() == " at half resolution" and full.prefix() == "+ "
+    assert full.suffix() == " at full resolution"
     for name in ("similarityComboBox", "deviceComboBox", "initialComboBox", "comparisonComboBox"):
         assert ui[name].count() == 0, "parameterNodeWrapper fills Choice / Enum combo boxes"
     assert ui["keyFiguresLabel"].textFormat() == Qt.RichText and ui["keyFiguresLabel"].wordWrap()
