@@ -62,6 +62,12 @@ def test_windows_keep_the_ground_truth_exact_and_sit_on_the_anatomy():
     with pytest.raises(ValueError, match="does not fit"):
         random_window(torch.zeros(1, 1, 20, 20, 20), torch.zeros(1, 1, 20, 20, 20, dtype=torch.long),
                       (16, 16, 16), 4, torch.Generator().manual_seed(0))
+    # a volume smaller than window + margin (the ITK T1 head at 2 mm for a method whose sides
+    # need only be even) gets a canvas that holds the window
+    small = PairGenerator([coronal_blobs(shape=(20, 22, 18))], dataclasses.replace(
+        config, multiple=2), seed=2)
+    assert all(n >= 16 + 2 * 4 for n in small.canvas) and all(n % 2 == 0 for n in small.canvas)
+    assert tuple(small.pair(0).fixed.shape[2:]) == (16, 16, 16)
     # validation cases come on windows too, the same ones every time
     first = generator.validation_pairs(2)
     second = generator.validation_pairs(2)

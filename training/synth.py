@@ -422,8 +422,12 @@ class PairGenerator:
         if canvas is False:
             self.canvas = None
         elif canvas is None:
-            self.canvas = canvas_shape([sitk.GetArrayViewFromImage(v.image).shape
-                                        for v in working], self.config.multiple)
+            shapes = [sitk.GetArrayViewFromImage(v.image).shape for v in working]
+            if self.config.crop_shape:
+                # a window with its margin must fit even on a volume smaller than it (a method
+                # whose sides need only be even does not round the canvas up to one)
+                shapes.append([int(c) + 2 * self.config.crop_margin for c in self.config.crop_shape])
+            self.canvas = canvas_shape(shapes, self.config.multiple)
         else:
             self.canvas = tuple(int(n) for n in canvas)
         self.volumes = [prepare_volume(v, None, self.canvas) for v in working]
