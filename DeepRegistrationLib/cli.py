@@ -150,6 +150,8 @@ def _run_registration(args, reporter: Reporter, fixed, moving, fixed_labels, mov
                             inputs=inputs,
                             progress=lambda f, s, m="": reporter.progress(0.9 + 0.1 * f, s, m))
     reporter.end_bar()
+    for caution in result.cautions:
+        reporter.log(caution)
     return summary
 
 

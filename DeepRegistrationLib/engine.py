@@ -44,6 +44,7 @@ class RegistrationResult:
     device: str
     runtime_seconds: float
     notes: List[str] = field(default_factory=list)
+    cautions: List[str] = field(default_factory=list)  # doubts about the result, shown first
     timings: Dict[str, float] = field(default_factory=dict)
     moving_on_fixed: Optional[sitk.Image] = None  # moving through the identity, for "before"
     # the global stage (matrix: LPS fixed point -> moving point) and the deformable part alone;
@@ -131,6 +132,25 @@ def check_similarity(spec, similarity: Optional[str], refine: bool,
     return similarity
 
 
+# the similarities a user picks for images of different contrasts (slicer_bridge's choices)
+CROSS_CONTRAST_SIMILARITIES = ("mind", "mi", "ngf")
+
+
+def contrast_caution(spec, similarity: str, refine_steps: int) -> Optional[str]:
+    """A caution for the summary when a network trained on one contrast per pair registers a
+    pair the user declared multi-contrast (``similarity`` MIND, MI or NGF) with no refinement
+    to correct it; None otherwise. Measured: on a second-contrast B-spline pair of MNI152 -- the
+    networks' own training anatomy -- vtn, r2net-svf and r2net-nsvf left 8.7-11.7 mm of
+    ground-truth error where the pair started at 2.7 mm (io with MIND: 2.3 mm;
+    docs/evaluation/seen-mni152-bspline)."""
+    if not spec.needs_checkpoint or spec.multimodal or refine_steps or \
+            similarity not in CROSS_CONTRAST_SIMILARITIES:
+        return None
+    return (f"caution: {spec.name} was trained on images of one contrast; on images of "
+            f"different contrasts its deformation can be far off (worse than none). Check the "
+            f"result, add refinement steps (--refine) or register with io")
+
+
 def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io",
              refine: Union[int, str, Sequence[int]] = 0,
              similarity: Optional[str] = None, regularization: Optional[float] = None,
@@ -206,8 +226,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "io",
     total = deformable if alignment.is_identity else compose_affine(alignment.matrix, deformable,
                                                                     fixed)
     scope.report(1.0, "registered", f"{spec.name} finished")
+    caution = contrast_caution(spec, similarity, sum(schedule))
     return RegistrationResult(fixed, moving, total, spec.name,
                               similarity, sum(schedule), str(torch_device),
                               time.perf_counter() - started, timings=timings,
                               moving_on_fixed=moving_on_fixed, alignment=alignment,
-                              deformable=deformable, refine_schedule=schedule)
+                              deformable=deformable, refine_schedule=schedule,
+                              cautions=[caution] if caution else [])

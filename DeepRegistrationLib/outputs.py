@@ -260,6 +260,7 @@ def summarise(result: RegistrationResult, warped: sitk.Image, determinant: np.nd
             displacement_to_physical(result.displacement, result.fixed) if vectors is None
             else vectors, axis=-1).max()),
         "notes": list(result.notes),
+        "cautions": list(result.cautions),
     }
     if moving_labels is not None and warped_labels is not None:
         moving_label_array = sitk.GetArrayViewFromImage(moving_labels)

@@ -610,7 +610,14 @@ def results_table_rows(summary: Mapping[str, Any],
     if "mean_dice_before" in summary or "mean_dice_after" in summary:
         rows.append(("Mean Dice", _before_after(summary.get("mean_dice_before"),
                                                 summary.get("mean_dice_after"))))
+    rows += [("Caution", _caution_text(c)) for c in summary.get("cautions") or []]
+    rows += [("Note", str(n)) for n in summary.get("notes") or []]
     return rows
+
+
+def _caution_text(caution: Any) -> str:
+    text = str(caution)
+    return text[len("caution: "):] if text.startswith("caution: ") else text
 
 
 def key_figures(summary: Mapping[str, Any]) -> List[Tuple[str, str]]:
@@ -619,6 +626,9 @@ def key_figures(summary: Mapping[str, Any]) -> List[Tuple[str, str]]:
     figures: List[Tuple[str, str]] = []
     if not summary:
         return figures
+    # a doubt about the result comes before its figures (e.g. a one-contrast network on a pair
+    # of two contrasts: engine.contrast_caution)
+    figures += [("Caution", _caution_text(c)) for c in summary.get("cautions") or []]
     if "mean_dice_before" in summary or "mean_dice_after" in summary:
         figures.append(("Dice", _before_after(summary.get("mean_dice_before"),
                                               summary.get("mean_dice_after"))))

@@ -55,6 +55,12 @@ def test_a_network_refines_with_the_similarity_asked_for(method, tmp_path, monke
     assert refined.displacement.shape == (1, 3, 16, 18, 14)
     assert torch.isfinite(refined.displacement).all()
     assert (refined.displacement - alone.displacement).abs().max() > 1e-3
+    # a pair declared multi-contrast (MIND) and nothing to correct the network: a caution, unless
+    # the network was trained on such pairs (SUITS); refinement steps or same contrast: none
+    assert alone.cautions == [] and refined.cautions == []
+    declared = engine.register(fixed, moving, method, similarity="mind")  # global stage: MIND
+    assert bool(declared.cautions) == (not spec.multimodal)
+    assert all(method in c and "io" in c for c in declared.cautions)
     # MIND as well (it also picks the global stage's measure, with or without --refine)
     assert engine.check_similarity(spec, "mind", refine=True) == "mind"
     assert engine.check_similarity(spec, "mind", refine=False) == "mind"
@@ -121,6 +127,11 @@ def test_methods_json_and_the_slicer_check_agree_with_the_engine(method):
     # without the lists (the placeholder entry, an older library) the command line decides
     for initial in ("auto", "none"):
         assert slicer_bridge.similarity_problem({"name": method}, "mi", 0, initial) is None
+
+
+def test_only_suits_is_trained_on_pairs_of_two_contrasts():
+    assert [name for name in NETWORKS if get_method(name).multimodal] == ["suits"]
+    assert engine.contrast_caution(get_method("io"), "mind", 0) is None
 
 
 def test_io_optimises_every_similarity_itself():

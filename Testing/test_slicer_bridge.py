@@ -370,6 +370,13 @@ def test_key_figures_are_dice_folding_and_time():
     older = dict(bridge.key_figures({"folding_percent": 0.2, "runtime_seconds": 100}))
     assert older == {"Folding": "0.2 % (central)", "Run time": "1.7 min"}
     assert bridge.key_figures({}) == []
+    # a caution about the result comes first, in the panel and in the table; notes in the table
+    warned = dict(FULL_SUMMARY, cautions=["caution: vtn was trained on images of one contrast"],
+                  notes=["moving image: replaced 3 NaN/inf voxels by the image minimum"])
+    assert bridge.key_figures(warned)[0] == ("Caution", "vtn was trained on images of one contrast")
+    rows = bridge.results_table_rows(warned)
+    assert ("Caution", "vtn was trained on images of one contrast") in rows
+    assert ("Note", "moving image: replaced 3 NaN/inf voxels by the image minimum") in rows
     html = bridge.key_figures_html({"folding_percent": 0.2, "device": "<cuda>", "runtime_seconds": 1})
     assert "<b>Folding:</b>" in html and "&lt;cuda&gt;" in html
 

@@ -56,6 +56,9 @@ class MethodSpec:
     # one --refine optimises -- one list for every network, not one copy per registration.
     similarities: Optional[Tuple[str, ...]] = None
     optimises_similarity: bool = False
+    # a network trained on pairs of different contrasts (SUITS); the others saw one contrast per
+    # pair and can go far wrong on two (engine.contrast_caution)
+    multimodal: bool = False
     default_similarity: str = "lncc"
     training: Dict = field(default_factory=dict)  # losses and weights the trainer uses
     estimated_seconds: Dict = field(default_factory=dict)

@@ -543,6 +543,7 @@ SPEC = register_method(MethodSpec(
     checkpoint="suits.pt",
     working_spacing_mm=3.0,
     size_multiple=1,     # any side: the network pads to odd sides itself
+    multimodal=True,
     # trainer schema (training/train.py): the loss_fn hook runs both phases; no coarse stage (the
     # features are learned at the grid they are used on); second-contrast pairs are the point.
     # lr 1e-4 for the combined run: at 1e-3 the end-to-end phase of a smoke run took the
