@@ -13,8 +13,9 @@ from DeepRegistrationLib.errors import UserInputError
 from training import data
 
 EXPECTED_LABELS = {"mni152": {1, 2, 3}, "pydeface": {1}, "itk-t1": {1, 2, 3},
-                   "invesalius-ct": {1, 2}}
-DEBIAN = {"itk-t1": "insighttoolkit5-examples", "invesalius-ct": "invesalius-examples"}
+                   "invesalius-ct": {1, 2}, "colin27": {1, 2, 3}}
+DEBIAN = {"itk-t1": "insighttoolkit5-examples", "invesalius-ct": "invesalius-examples",
+          "colin27": "mricron-data"}
 
 
 def _hide(monkeypatch, *names):
@@ -46,6 +47,10 @@ def test_missing_debian_packages_name_the_install_command(monkeypatch, tmp_path)
     with pytest.raises(UserInputError, match=r"--reinstall invesalius-examples"):
         data.locate_invesalius_ct()
     assert not {"itk-t1", "invesalius-ct"} & set(data.available_sources())
+    monkeypatch.setattr(data, "MRICRON_TEMPLATES", str(tmp_path / "templates"))
+    with pytest.raises(UserInputError, match=r"apt-get install -y mricron-data"):
+        data.load_colin27()
+    assert "colin27" not in data.available_sources()
     _hide(monkeypatch, "nilearn", "pydeface")
     with pytest.raises(UserInputError, match="install_data.sh"):
         data.parse_sources("all")
@@ -106,10 +111,38 @@ def test_installed_sources_give_labels_on_the_image_grid(name):
     assert coarse.image.GetSpacing() == (6.0, 6.0, 6.0)
 
 
+def test_colin27_tissue_classes_follow_intensity_not_the_kmeans_numbering(monkeypatch, tmp_path):
+    """A synthetic ch2 / ch2bet pair with three tissues: the darkest becomes CSF (3), the middle
+    GM (1), the brightest WM (2), whatever order k-means numbers them in; outside the brain 0."""
+    rng = np.random.default_rng(0)
+    shape = (20, 24, 22)
+    tissue = np.zeros(shape, np.uint8)
+    tissue[4:16, 4:20, 4:18] = 1       # the brain, GM
+    tissue[7:13, 8:16, 7:15] = 2       # WM inside
+    tissue[9:11, 10:14, 9:13] = 3      # ventricles
+    means = {1: 80.0, 2: 110.0, 3: 40.0}
+    brain = np.zeros(shape, np.float32)
+    for value, mean in means.items():
+        brain[tissue == value] = mean + rng.normal(0, 3, int((tissue == value).sum()))
+    head = brain.copy()
+    head[1:19, 1:23, 1:21] = np.where(tissue[1:19, 1:23, 1:21] == 0, 60.0, head[1:19, 1:23, 1:21])
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    for name, array in zip(data.COLIN27_FILES, (head, brain)):
+        sitk.WriteImage(sitk.Cast(sitk.GetImageFromArray(np.clip(array, 0, 254)), sitk.sitkUInt8),
+                        str(folder / name))
+    monkeypatch.setattr(data, "MRICRON_TEMPLATES", str(folder))
+    volume = data.load_colin27()
+    labels = sitk.GetArrayFromImage(volume.labels)
+    expected = np.select([tissue == 3, tissue == 1, tissue == 2], [3, 1, 2], 0)
+    assert (labels == expected).mean() > 0.99
+    assert volume.image.GetPixelID() == sitk.sitkFloat32 and "colin27" in data.available_sources()
+
+
 def test_label_semantics_of_the_real_volumes():
     """Tissue labels mean what they say: WM brighter than GM brighter than CSF on T1, bone
     above 300 HU on CT."""
-    for name in ("mni152", "itk-t1"):
+    for name in ("mni152", "itk-t1", "colin27"):
         try:
             volume = data.load_source(name)
         except UserInputError:

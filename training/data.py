@@ -279,6 +279,56 @@ def load_invesalius_ct() -> Volume:
                   ["labels: bone > 300 HU, soft tissue -200..300 HU inside the head mask"])
 
 
+# ------------------------------------------------------------------------------- (e) Colin 27
+# Debian's mricron-data installs MRIcron's templates here (not under /usr/share/doc); tests point
+# this elsewhere
+MRICRON_TEMPLATES = "/usr/share/mricron/templates"
+COLIN27_PACKAGE = "mricron-data"
+COLIN27_FILES = ("ch2.nii.gz", "ch2bet.nii.gz")   # whole head; the same, brain extracted
+
+
+def _mricron_file(name: str) -> str:
+    path = os.path.join(MRICRON_TEMPLATES, name)
+    if not os.path.isfile(path):
+        raise UserInputError(f"this data comes with the Debian package '{COLIN27_PACKAGE}' "
+                             f"({path} is missing); install it with: "
+                             f"apt-get install -y {COLIN27_PACKAGE}")
+    return path
+
+
+def locate_colin27() -> str:
+    for name in COLIN27_FILES:
+        path = _mricron_file(name)
+    return os.path.dirname(path)
+
+
+def load_colin27() -> Volume:
+    """Colin 27 (``ch2``: one subject scanned 27 times and averaged; whole head with skull, 1 mm,
+    181x217x181 in MNI space) -- a real single subject, sharper than the MNI152 average.
+
+    Labels: three k-means classes of the brain-extracted copy (``ch2bet``), renamed by mean
+    intensity to the MNI numbering (darkest 3 CSF, then 1 GM, brightest 2 WM); outside the
+    brain 0."""
+    head = sitk.ReadImage(_mricron_file(COLIN27_FILES[0]), sitk.sitkFloat32)
+    brain = sitk.ReadImage(_mricron_file(COLIN27_FILES[1]), sitk.sitkFloat32)
+    classes = sitk.GetArrayFromImage(sitk.ScalarImageKmeans(brain, [0.0, 30.0, 70.0, 110.0],
+                                                            False))
+    values = sitk.GetArrayViewFromImage(brain)
+    inside = values > 0
+    means = {c: float(values[inside & (classes == c)].mean()) for c in (1, 2, 3)
+             if np.any(inside & (classes == c))}
+    if len(means) != 3:
+        raise UserInputError(f"Colin 27's brain did not split into three tissue classes "
+                             f"({os.path.join(MRICRON_TEMPLATES, COLIN27_FILES[1])})")
+    darkest, middle, brightest = sorted(means, key=means.get)
+    labels = np.zeros(classes.shape, np.int32)
+    for cls, label in ((darkest, 3), (middle, 1), (brightest, 2)):
+        labels[inside & (classes == cls)] = label
+    return Volume("colin27", head, image_from_array(labels, head), dict(BRAIN_LABELS), "T1",
+                  f"Debian {COLIN27_PACKAGE}: mricron/templates/{COLIN27_FILES[0]}",
+                  ["labels: 3 k-means classes of ch2bet (CSF, GM, WM by mean intensity)"])
+
+
 # ------------------------------------------------------------------------------------ registry
 SOURCES: Dict[str, Source] = {
     "mni152": Source("mni152", "MNI152 2009a T1 template (skull stripped, 1 mm)",
@@ -290,6 +340,8 @@ SOURCES: Dict[str, Source] = {
     "invesalius-ct": Source("invesalius-ct", "InVesalius example head CT (HU)",
                             f"apt-get install -y {INVESALIUS_DATA[0]}", locate_invesalius_ct,
                             load_invesalius_ct),
+    "colin27": Source("colin27", "Colin 27 single-subject T1 head with skull (1 mm, MNI space)",
+                      f"apt-get install -y {COLIN27_PACKAGE}", locate_colin27, load_colin27),
 }
 
 

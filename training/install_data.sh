@@ -19,19 +19,20 @@ else
     echo "skipping pydeface (needs Python >= 3.10)" >&2
 fi
 
-# itk-t1 and invesalius-ct: Debian example packages (files under /usr/share/doc)
+# itk-t1 and invesalius-ct: Debian example packages (files under /usr/share/doc); colin27:
+# MRIcron's templates (Colin 27, /usr/share/mricron/templates)
 if command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update
-    $SUDO apt-get install -y insighttoolkit5-examples invesalius-examples
+    $SUDO apt-get install -y insighttoolkit5-examples invesalius-examples mricron-data
     if [ ! -e /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ]; then
         echo "warning: dpkg dropped /usr/share/doc (see /etc/dpkg/dpkg.cfg.d); remove the" \
              "path-exclude line and run: apt-get install -y --reinstall" \
              "insighttoolkit5-examples invesalius-examples" >&2
     fi
 else
-    echo "no apt-get: the Debian sources itk-t1 and invesalius-ct are unavailable" >&2
+    echo "no apt-get: the Debian sources itk-t1, invesalius-ct and colin27 are unavailable" >&2
 fi
 
 if [ "${1:-}" = "--peers" ]; then
