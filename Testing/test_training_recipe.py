@@ -125,6 +125,10 @@ def test_recipe_stages_scale_with_the_method_and_run_in_order():
     with pytest.raises(UserInputError, match="unknown recipe"):
         get_recipe("nope")
     assert not set(GENERAL.sources) & set(GENERAL.unseen)
+    # the fourth head changes the sources and nothing else
+    colin = get_recipe("general-colin27")
+    assert colin.sources == GENERAL.sources + ("colin27",) and colin.unseen == GENERAL.unseen
+    assert dataclasses.replace(colin, name="general", sources=GENERAL.sources) == GENERAL
     vtn_plan = GENERAL.for_method(2)
     assert [s["batch_size"] for s in vtn_plan["stages"]] == [4, 2] and vtn_plan["batch_size"] == 1
     spec = dataclasses.replace(__import__("DeepRegistrationLib.methods", fromlist=["get_method"])
