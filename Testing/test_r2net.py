@@ -110,6 +110,31 @@ def test_shipped_weights_keep_every_block_lipschitz(name):
         assert gain <= 1.03 * block.step_scale, (index, gain)
 
 
+def test_an_unconverged_norm_estimate_is_converged_before_it_is_trusted():
+    """One power iteration underestimates the padded convolution's norm, so the normalised
+    kernel can exceed the Lipschitz bound (what a 100-step phase-2 MS-R2Net block shipped with);
+    ``converge_operator_norms`` -- run by the trainer before every validation, so before every
+    save -- brings it to 1."""
+    torch.manual_seed(8)
+    conv = torch.nn.Conv3d(3, 3, 3, padding=0, bias=False)
+    # a kernel whose top mode lives at the border (34 % above the interior's norm, which the
+    # spectrum gives exactly), where only the power iteration sees it
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(3, 3, 3, 3, 3))
+    torch.nn.utils.parametrize.register_parametrization(
+        conv, "weight", r2net.OperatorSpectralNorm(conv.weight.detach(), initial_iterations=0))
+    conv.eval()
+
+    def gain():
+        weight = conv.weight.detach()
+        return operator_norm(lambda x: r2net.padded_conv(x, weight), (1, 3, 20, 20, 20),
+                             iterations=60)
+    assert gain() > 1.03   # beyond what the shipped-weights test allows
+    module = torch.nn.Sequential(conv)
+    r2net.converge_operator_norms(module)
+    assert gain() == pytest.approx(1.0, abs=0.01)
+
+
 def test_conv_operator_norm_is_the_convolution_gain():
     torch.manual_seed(3)
     weight = torch.randn(3, 3, 3, 3, 3)

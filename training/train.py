@@ -251,8 +251,13 @@ def describe_losses(spec: MethodSpec) -> Dict:
 # --------------------------------------------------------------------------------- validation
 def validate(network: torch.nn.Module, pairs, loss_fn: LossFunction, spec: MethodSpec,
              config: Dict, spacing_mm: float) -> Dict[str, float]:
-    """Mean metrics over the validation pairs; ``network(fixed, moving)`` gives the field."""
+    """Mean metrics over the validation pairs; ``network(fixed, moving)`` gives the field.
+    Estimates kept by power iteration are converged first (R2Net's operator norms), so the
+    figures are those of the network that is saved and deployed."""
+    from DeepRegistrationLib.methods.r2net import converge_operator_norms
+
     was_training = network.training
+    converge_operator_norms(network)
     network.eval()
     rows = []
     with torch.no_grad():
